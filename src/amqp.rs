@@ -1,0 +1,288 @@
+//! Broker plumbing shared by the daemon and the client: connecting with backoff across a list
+//! of brokers, and declaring or probing the service queue.
+//!
+//! TCP_NODELAY is set by lapin's tokio reactor on every socket (async-rs `set_nodelay(true)`),
+//! heartbeats are requested through the URI so a dead peer is noticed, and every attempt is
+//! bounded by the connect timeout so a blackholed address cannot stall the rotation.
+
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, Queue};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{redact_url, AmqpConfig, QueueType, ServiceConfig};
+
+/// First reconnect delay; doubles up to the configured cap.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Errors of connection set-up that no retry can fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A URL that does not parse (the message never contains the password).
+    #[error("amqp.url: {url:?} is not an AMQP URL: {reason}")]
+    BadUrl {
+        /// The redacted URL.
+        url: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The service queue exists with other arguments than ours.
+    #[error(
+        "queue {queue:?} already exists with different settings ({detail}). Fix: make \
+         service.queue_type, service.max_deliveries and service.dead_letter_queue match the \
+         existing queue, or delete it (rabbitmqctl delete_queue {queue}; its messages are lost) \
+         so it is redeclared, or pick another service.queue"
+    )]
+    QueueClash {
+        /// Queue name.
+        queue: String,
+        /// The broker's own description of the difference.
+        detail: String,
+    },
+}
+
+/// Connects to one of several brokers, rotating on failure, with capped exponential backoff and
+/// full jitter between rounds so a fleet of daemons does not reconnect in lockstep.
+#[derive(Debug)]
+pub struct Connector {
+    uris: Vec<(AMQPUri, String)>,
+    connect_timeout: Duration,
+    max_backoff: Duration,
+    name: String,
+    next: usize,
+}
+
+impl Connector {
+    /// Build from the `[amqp]` section; `name` is shown in the broker's connection list.
+    pub fn new(amqp: &AmqpConfig, name: &str) -> Result<Self, SetupError> {
+        let urls = amqp.urls().map_err(|reason| SetupError::BadUrl {
+            url: redact_url(&amqp.url),
+            reason,
+        })?;
+        let uris = urls
+            .iter()
+            .map(|url| {
+                let mut uri: AMQPUri = url.parse().map_err(|reason| SetupError::BadUrl {
+                    url: redact_url(url),
+                    reason,
+                })?;
+                uri.query.heartbeat.get_or_insert(amqp.heartbeat_secs);
+                Ok((uri, redact_url(url)))
+            })
+            .collect::<Result<Vec<_>, SetupError>>()?;
+        if uris.is_empty() {
+            return Err(SetupError::BadUrl {
+                url: String::new(),
+                reason: "no URL given".into(),
+            });
+        }
+        Ok(Connector {
+            uris,
+            connect_timeout: Duration::from_secs(amqp.connect_timeout_secs),
+            max_backoff: Duration::from_secs(amqp.reconnect_max_backoff_secs),
+            name: name.to_owned(),
+            next: 0,
+        })
+    }
+
+    /// The redacted URL the next attempt will use.
+    pub fn current_url(&self) -> &str {
+        &self.uris[self.next].1
+    }
+
+    /// One attempt against the next broker in the rotation.
+    pub async fn connect_once(&mut self) -> Result<Connection, String> {
+        let (uri, shown) = self.uris[self.next].clone();
+        self.next = (self.next + 1) % self.uris.len();
+        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        match tokio::time::timeout(self.connect_timeout, Connection::connect_uri(uri, props)).await
+        {
+            Ok(Ok(conn)) => {
+                tracing::info!(url = %shown, "connected to broker");
+                Ok(conn)
+            }
+            Ok(Err(e)) => Err(format!("{shown}: {e}")),
+            Err(_) => Err(format!(
+                "{shown}: no answer within {:?}",
+                self.connect_timeout
+            )),
+        }
+    }
+
+    /// Try until connected or `cancel` fires (then `None`). Each full pass over the list is
+    /// followed by a backoff sleep; `on_failure` sees every failed attempt's message.
+    pub async fn connect(
+        &mut self,
+        cancel: &CancellationToken,
+        mut on_failure: impl FnMut(&str),
+    ) -> Option<Connection> {
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            for _ in 0..self.uris.len() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    r = self.connect_once() => match r {
+                        Ok(conn) => return Some(conn),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "broker connection attempt failed");
+                            on_failure(&e);
+                        }
+                    },
+                }
+            }
+            let sleep = jittered(backoff);
+            tracing::debug!(?sleep, "backing off before the next connection round");
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+    }
+}
+
+/// Full jitter in [d/2, d]: spreads reconnects without ever waiting longer than the cap.
+pub fn jittered(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+/// Declare the service queue with the arguments its type needs.
+///
+/// Classic queues are declared exactly as the RabbitMQ tutorial does (non-durable, no
+/// arguments), so the tutorial's own server can share the queue with us. Quorum queues get
+/// `x-delivery-limit` one above `max_deliveries`, so the daemon sees the last attempt and
+/// answers it with an `internal` error before the broker would drop it, and dead-letter to
+/// `dead_letter_queue` when one is set.
+pub async fn declare_service_queue(
+    channel: &Channel,
+    service: &ServiceConfig,
+) -> Result<Queue, DeclareError> {
+    let mut args = FieldTable::default();
+    let options = match service.queue_type {
+        QueueType::Classic => QueueDeclareOptions::default(),
+        QueueType::Quorum => {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(service.max_deliveries) + 1),
+            );
+            if !service.dead_letter_queue.is_empty() {
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString("".into()),
+                );
+                args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(service.dead_letter_queue.as_str().into()),
+                );
+            }
+            QueueDeclareOptions::durable()
+        }
+    };
+    channel
+        .queue_declare(service.queue.as_str().into(), options, args)
+        .await
+        .map_err(|e| match soft_error(&e) {
+            Some((AMQPSoftError::PRECONDITIONFAILED, detail)) => {
+                DeclareError::Fatal(SetupError::QueueClash {
+                    queue: service.queue.clone(),
+                    detail,
+                })
+            }
+            _ => DeclareError::Broker(e),
+        })
+}
+
+/// Why a declaration failed: fatal (fix the config) or a broker hiccup (retry).
+#[derive(Debug, thiserror::Error)]
+pub enum DeclareError {
+    /// No retry will fix it.
+    #[error(transparent)]
+    Fatal(#[from] SetupError),
+    /// The connection or channel failed; retry after reconnecting.
+    #[error("broker error while declaring: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// What a passive declare says about a service queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueProbe {
+    /// The queue exists; with this many consumers.
+    Consumers(u32),
+    /// The queue does not exist.
+    Missing,
+}
+
+/// Passive declare. A missing queue closes the channel (404), so callers keep a channel just for
+/// probing and reopen it after `Missing`.
+pub async fn probe_queue(channel: &Channel, queue: &str) -> Result<QueueProbe, lapin::Error> {
+    match channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default().passive(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(q) => Ok(QueueProbe::Consumers(q.consumer_count())),
+        Err(e) if matches!(soft_error(&e), Some((AMQPSoftError::NOTFOUND, _))) => {
+            Ok(QueueProbe::Missing)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The channel-level AMQP error inside a lapin error, with the broker's text.
+pub fn soft_error(e: &lapin::Error) -> Option<(AMQPSoftError, String)> {
+    match e.kind() {
+        ErrorKind::ProtocolError(err) => match err.kind() {
+            AMQPErrorKind::Soft(soft) => Some((soft.clone(), err.get_message().to_string())),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        for _ in 0..1000 {
+            let j = jittered(Duration::from_millis(1000));
+            assert!(j >= Duration::from_millis(500) && j <= Duration::from_millis(1000));
+        }
+    }
+
+    #[test]
+    fn connector_rotates_and_sets_heartbeat() {
+        let amqp = AmqpConfig {
+            url: "amqp://u:pw@h1:5672/%2f,amqp://u:pw@h2:5673/%2f".into(),
+            heartbeat_secs: 7,
+            ..AmqpConfig::default()
+        };
+        let c = Connector::new(&amqp, "t").unwrap();
+        assert_eq!(c.uris.len(), 2);
+        assert!(c.uris.iter().all(|(u, _)| u.query.heartbeat == Some(7)));
+        assert_eq!(c.current_url(), "amqp://u:***@h1:5672/%2f");
+    }
+
+    #[test]
+    fn bad_url_error_does_not_leak_password() {
+        let amqp = AmqpConfig {
+            url: "amqp://u:topsecret@h1:notaport/%2f".into(),
+            ..AmqpConfig::default()
+        };
+        let e = Connector::new(&amqp, "t").unwrap_err().to_string();
+        assert!(!e.contains("topsecret"), "{e}");
+    }
+}

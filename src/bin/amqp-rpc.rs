@@ -1,0 +1,186 @@
+//! `amqp-rpc`: the command-line client. `call` makes one call and maps its outcome to an exit
+//! code; `bench` drives closed-loop load. Both are thin layers over [`amqp_rpc::Client`].
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use amqp_rpc::bench::{self, Amount, BenchSpec};
+use amqp_rpc::config::{self, LogConfig};
+use amqp_rpc::{telemetry, CallError, Client};
+use clap::{Args, Parser, Subcommand};
+
+const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Exit codes of `amqp-rpc call` (DESIGN.md section 4).
+mod exit {
+    pub const NO_SERVER: u8 = 3;
+    pub const TIMEOUT: u8 = 4;
+    pub const REMOTE: u8 = 5;
+    pub const UNAVAILABLE: u8 = 6;
+}
+
+/// Call RPC methods served by amqp-rpcd (or any tutorial-style server) over RabbitMQ.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Target {
+    /// Broker URL, or several of one cluster, comma-separated.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_URL, hide_env_values = true)]
+    url: String,
+    /// Service queue.
+    #[arg(long, default_value = "rpc_queue")]
+    queue: String,
+    /// Per-call timeout, e.g. 700ms, 5s.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make one call and print the result. Exit codes: 0 ok, 2 usage, 3 no server,
+    /// 4 timeout, 5 remote error, 6 broker unreachable or connection lost.
+    Call {
+        /// Method name, e.g. fib.
+        method: String,
+        /// Argument, sent as the request body.
+        arg: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Closed-loop load: prints calls/s and latency percentiles.
+    Bench {
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Total calls (default: run for --duration).
+        #[arg(long, conflicts_with = "duration")]
+        requests: Option<u64>,
+        /// How long to run when --requests is not given.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Unrecorded warm-up before measuring.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Method to call.
+        #[arg(long, default_value = "fib")]
+        method: String,
+        /// Argument of each call.
+        #[arg(long, default_value = "10")]
+        arg: String,
+        /// Print one JSON object as the last line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let url = match &cli.command {
+        Command::Call { target, .. } | Command::Bench { target, .. } => target.url.clone(),
+    };
+    let urls: Vec<String> = config::split_urls(&url).map(str::to_owned).collect();
+    let log = LogConfig {
+        level: "warn".into(),
+        ..LogConfig::default()
+    };
+    let _ = telemetry::init(&log, config::url_secrets(&urls));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("amqp-rpc: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Call {
+                method,
+                arg,
+                target,
+            } => call(method, arg, target).await,
+            Command::Bench {
+                concurrency,
+                requests,
+                duration,
+                warmup,
+                method,
+                arg,
+                json,
+                target,
+            } => {
+                let amount = requests.map_or(Amount::Duration(duration), Amount::Requests);
+                let spec = BenchSpec {
+                    concurrency,
+                    amount,
+                    warmup,
+                    method,
+                    arg,
+                    timeout: target.timeout,
+                    progress: true,
+                };
+                run_bench(spec, json, target).await
+            }
+        }
+    });
+    runtime.shutdown_background();
+    ExitCode::from(code)
+}
+
+fn client(target: &Target) -> Result<Client, CallError> {
+    Client::builder(target.url.as_str())
+        .queue(target.queue.as_str())
+        .timeout(target.timeout)
+        .build()
+}
+
+async fn call(method: String, arg: String, target: Target) -> u8 {
+    let result = match client(&target) {
+        Ok(client) => client.call(&method, arg.as_bytes()).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(body) => {
+            println!("{}", String::from_utf8_lossy(&body));
+            0
+        }
+        Err(e) => {
+            let code = match &e {
+                CallError::NoServer { .. } => exit::NO_SERVER,
+                CallError::Timeout(_) => exit::TIMEOUT,
+                CallError::Remote { .. } => exit::REMOTE,
+                CallError::ConnectionLost | CallError::Unavailable(_) => exit::UNAVAILABLE,
+            };
+            match &e {
+                CallError::Remote { code, message } => eprintln!("error: {code}: {message}"),
+                other => eprintln!("error: {other}"),
+            }
+            code
+        }
+    }
+}
+
+async fn run_bench(spec: BenchSpec, json: bool, target: Target) -> u8 {
+    let client = match client(&target) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::UNAVAILABLE;
+        }
+    };
+    let report = bench::run(client, spec).await;
+    print!("{}", report.summary());
+    if json {
+        match serde_json::to_string(&report) {
+            Ok(line) => println!("{line}"),
+            Err(e) => eprintln!("error: cannot encode the report: {e}"),
+        }
+    }
+    0
+}

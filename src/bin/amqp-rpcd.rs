@@ -1,0 +1,71 @@
+//! `amqp-rpcd`: the worker daemon. Thin by design: parse arguments, load the config, set up
+//! logging, build the metrics registry and the shutdown token, call [`amqp_rpc::run`], map the
+//! outcome to an exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use amqp_rpc::{config, shutdown, telemetry};
+use clap::Parser;
+
+/// Exit code for an invalid configuration (EX_USAGE), as `--check-config` promises.
+const EXIT_CONFIG: u8 = 64;
+
+/// Request/reply RPC worker over RabbitMQ.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML); every key can also be set as AMQP_RPC__SECTION__KEY.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit: 0 when valid, 64 with every problem listed.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("amqp-rpcd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check_config {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    let secrets = config::url_secrets(&config.amqp.urls().unwrap_or_default());
+    if let Err(e) = telemetry::init(&config.log, secrets) {
+        eprintln!("amqp-rpcd: logging: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("amqp-rpcd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let registry = prometheus::Registry::new();
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let shutdown = shutdown::install().map_err(|e| amqp_rpc::Error::HttpBind {
+            addr: "signal handlers".into(),
+            source: e,
+        })?;
+        amqp_rpc::run(config, registry, shutdown).await
+    });
+    // Blocking handler threads may still be computing; do not wait for them.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("amqp-rpcd: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The RPC client: many calls in flight on one connection, each with a deadline, each ending in
+//! exactly one outcome (DESIGN.md section 3).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), amqp_rpc::CallError> {
+//! let client = amqp_rpc::Client::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!     .queue("rpc_queue")
+//!     .timeout(std::time::Duration::from_secs(5))
+//!     .connect()
+//!     .await?;
+//! let fib30 = client.fib(30).await?;
+//! assert_eq!(fib30.to_string(), "832040");
+//! # Ok(()) }
+//! ```
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Confirmation};
+use num_bigint::BigUint;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::Connector;
+use crate::config::AmqpConfig;
+use crate::protocol::{expiration_ms, now_epoch_ms, ErrorCode, DEADLINE_HEADER, DIRECT_REPLY_TO};
+
+mod error;
+mod session;
+
+pub use error::CallError;
+use session::{Session, Shared};
+
+/// Default per-call timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Configures a [`Client`].
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    amqp: AmqpConfig,
+    queue: String,
+    timeout: Duration,
+}
+
+impl ClientBuilder {
+    /// The service queue (default `rpc_queue`).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Default timeout of [`Client::call`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Connection settings beyond the URL (heartbeat, connect timeout, backoff cap).
+    pub fn amqp(mut self, amqp: AmqpConfig) -> Self {
+        let url = std::mem::take(&mut self.amqp.url);
+        self.amqp = AmqpConfig { url, ..amqp };
+        self
+    }
+
+    /// Start the client; it connects in the background and calls wait for the connection up
+    /// to their deadline. Must run inside a tokio runtime.
+    pub fn build(self) -> Result<Client, CallError> {
+        let connector = Connector::new(&self.amqp, "amqp-rpc client")
+            .map_err(|e| CallError::Unavailable(e.to_string()))?;
+        let shared = Arc::new(Shared::default());
+        let (tx, sessions) = watch::channel(None);
+        let cancel = CancellationToken::new();
+        tokio::spawn(session::supervise(
+            connector,
+            shared.clone(),
+            tx,
+            cancel.clone(),
+        ));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                queue: self.queue,
+                timeout: self.timeout,
+                shared,
+                sessions,
+                cancel,
+            }),
+        })
+    }
+
+    /// [`build`](Self::build), then wait for the first connection (up to the default timeout).
+    pub async fn connect(self) -> Result<Client, CallError> {
+        let client = self.build()?;
+        let deadline = Instant::now() + client.inner.timeout;
+        client.session(deadline).await?;
+        Ok(client)
+    }
+}
+
+/// A cheap-to-clone handle; the connection closes when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    queue: String,
+    timeout: Duration,
+    shared: Arc<Shared>,
+    sessions: watch::Receiver<Option<Arc<Session>>>,
+    cancel: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Client {
+    /// Start configuring a client for one broker URL, or several comma-separated.
+    pub fn builder(urls: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            amqp: AmqpConfig {
+                url: urls.into(),
+                ..AmqpConfig::default()
+            },
+            queue: "rpc_queue".into(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Call `method` with the default timeout.
+    pub async fn call(&self, method: &str, body: &[u8]) -> Result<Vec<u8>, CallError> {
+        self.call_timeout(method, body, self.inner.timeout).await
+    }
+
+    /// Call `method`, giving up after `timeout`. The request carries the deadline
+    /// (`x-deadline-ms`) and expires in the queue when nobody takes it in time.
+    pub async fn call_timeout(
+        &self,
+        method: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let deadline = Instant::now() + timeout;
+        let deadline_ms = now_epoch_ms() + timeout.as_millis() as u64;
+        let inner = &self.inner;
+        if method.is_empty() || method.len() > 255 {
+            return Err(CallError::Remote {
+                code: ErrorCode::InvalidArgument,
+                message: "method names are 1 to 255 bytes".into(),
+            });
+        }
+        let attempt = async {
+            let session = self.session(deadline).await?;
+            session.check_server(&inner.queue).await?;
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let (_guard, reply) = inner.shared.register(id.clone());
+            let mut headers = FieldTable::default();
+            headers.insert(
+                DEADLINE_HEADER.into(),
+                AMQPValue::LongLongInt(deadline_ms as i64),
+            );
+            let props = BasicProperties::default()
+                .with_reply_to(DIRECT_REPLY_TO.into())
+                .with_correlation_id(id.as_str().into())
+                .with_message_id(id.as_str().into())
+                .with_type(method.into())
+                .with_content_type("text/plain".into())
+                .with_expiration(expiration_ms(deadline - Instant::now()).into())
+                .with_headers(headers);
+            let confirm = session
+                .channel
+                .basic_publish(
+                    "".into(),
+                    inner.queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    props,
+                )
+                .await
+                .map_err(|_| CallError::ConnectionLost)?;
+            match confirm.await.map_err(|_| CallError::ConnectionLost)? {
+                Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                    return Err(CallError::NoServer {
+                        queue: inner.queue.clone(),
+                        reason: format!("request returned: {}", returned.reply_text),
+                    });
+                }
+                Confirmation::Nack(None) => {
+                    return Err(CallError::Unavailable(
+                        "the broker refused the request".into(),
+                    ));
+                }
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+            }
+            // The sender is dropped only when the router fails all pending calls, which it
+            // does with an explicit ConnectionLost first; a bare drop means the same.
+            reply.await.unwrap_or(Err(CallError::ConnectionLost))
+        };
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::Timeout(timeout)),
+        }
+    }
+
+    /// The typed helper for the demo method: fib(n), exact.
+    pub async fn fib(&self, n: u64) -> Result<BigUint, CallError> {
+        let body = self.call("fib", n.to_string().as_bytes()).await?;
+        std::str::from_utf8(&body)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| CallError::Remote {
+                code: ErrorCode::Internal,
+                message: "the server's reply is not a decimal number".into(),
+            })
+    }
+
+    /// Replies that arrived for no waiting call (late after a timeout, or duplicates).
+    pub fn late_replies(&self) -> u64 {
+        self.inner.shared.late_replies.load(Ordering::Relaxed)
+    }
+
+    /// Calls waiting for a reply right now (0 when idle: entries never leak).
+    pub fn pending_calls(&self) -> usize {
+        self.inner.shared.pending_len()
+    }
+
+    /// Connections re-established after a loss.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The service queue this client calls.
+    pub fn queue(&self) -> &str {
+        &self.inner.queue
+    }
+
+    async fn session(&self, deadline: Instant) -> Result<Arc<Session>, CallError> {
+        let mut sessions = self.inner.sessions.clone();
+        let wait = async {
+            sessions
+                .wait_for(|s| s.is_some())
+                .await
+                .map(|s| s.clone().expect("wait_for checked Some"))
+        };
+        match tokio::time::timeout_at(deadline, wait).await {
+            Ok(Ok(session)) => Ok(session),
+            Ok(Err(_)) => Err(CallError::Unavailable("client is shutting down".into())),
+            Err(_) => {
+                let last = self.inner.shared.last_error.lock().expect("lock").clone();
+                Err(CallError::Unavailable(if last.is_empty() {
+                    "not connected to the broker yet".into()
+                } else {
+                    last
+                }))
+            }
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! Daemon and client configuration: `config.toml` plus `AMQP_RPC__SECTION__KEY` overrides.
+//!
+//! Every key has a named default, so an empty file is a working config. [`load`] merges the file
+//! and the environment (through the `config` crate) and reports *every* problem at once: each key
+//! is read on its own, so one bad value does not hide the next, and semantic checks
+//! ([`Config::validate`]) run on top. Secrets never appear in `Debug` output or in problems:
+//! URLs are shown through [`redact_url`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Environment prefix: `AMQP_RPC__AMQP__URL` sets `amqp.url`.
+pub const ENV_PREFIX: &str = "AMQP_RPC";
+
+/// A config that could not be loaded: every problem found, one per entry.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    /// Human-readable problems, each naming its key.
+    pub problems: Vec<String>,
+}
+
+/// Queue flavour of the service queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Non-durable classic queue, the tutorial's declaration (requests are deadline-bound, so
+    /// persisting them buys nothing; matching the tutorial lets both share `rpc_queue`).
+    #[default]
+    Classic,
+    /// Replicated quorum queue (durable by nature), for clusters.
+    Quorum,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Declares a config section: the struct, its defaults, and a per-key checker so that every bad
+/// key is reported rather than only the first one serde trips over.
+macro_rules! section {
+    ($(#[$sm:meta])* $name:ident, $section:literal {
+        $( $(#[$fm:meta])* $field:ident : $ty:ty = $default:expr ),* $(,)?
+    }) => {
+        $(#[$sm])*
+        #[derive(Clone, Deserialize, PartialEq)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name { $( $(#[$fm])* pub $field: $ty ),* }
+
+        impl Default for $name {
+            fn default() -> Self { $name { $( $field: $default ),* } }
+        }
+
+        impl $name {
+            const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            fn key_problems(cfg: &config::Config, problems: &mut Vec<String>) {
+                $(
+                    let key = concat!($section, ".", stringify!($field));
+                    match cfg.get::<$ty>(key) {
+                        Ok(_) | Err(config::ConfigError::NotFound(_)) => {}
+                        Err(e) => problems.push(format!("{key}: {}", redact_text(&e.to_string()))),
+                    }
+                )*
+                if let Ok(table) = cfg.get_table($section) {
+                    for k in table.keys().filter(|k| !Self::KEYS.contains(&k.as_str())) {
+                        problems.push(format!("{}.{k}: unknown key", $section));
+                    }
+                }
+            }
+        }
+    };
+}
+
+section!(
+    /// `[amqp]`: how to reach the broker.
+    AmqpConfig, "amqp" {
+        /// One or more `amqp://` / `amqps://` URLs of one cluster, comma-separated.
+        url: String = "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+        /// File holding the password; replaces the URLs' password when set.
+        password_file: Option<PathBuf> = None,
+        /// Heartbeat interval negotiated with the broker; a silent peer is detected in two.
+        heartbeat_secs: u16 = 10,
+        /// TCP + AMQP handshake timeout per attempt.
+        connect_timeout_secs: u64 = 5,
+        /// Cap of the exponential reconnect backoff.
+        reconnect_max_backoff_secs: u64 = 30,
+    }
+);
+
+section!(
+    /// `[service]`: the queue and the limits of the work.
+    ServiceConfig, "service" {
+        /// Service queue name (routing key on the default exchange).
+        queue: String = "rpc_queue".into(),
+        /// `classic` or `quorum`.
+        queue_type: QueueType = QueueType::Classic,
+        /// CPU-heavy handlers running at once; 0 = number of CPUs.
+        concurrency: usize = 0,
+        /// Unacknowledged deliveries the broker may push to this daemon.
+        prefetch: u16 = 64,
+        /// Largest `n` the fib method accepts.
+        max_n: u64 = 100_000,
+        /// Largest request body accepted, in bytes.
+        max_body_bytes: usize = 1024,
+        /// Attempts before a request is declared poison.
+        max_deliveries: u32 = 5,
+        /// Reply cache capacity (entries).
+        reply_cache_entries: u64 = 10_000,
+        /// Reply cache entry lifetime.
+        reply_cache_ttl_secs: u64 = 300,
+        /// Wait for publisher confirms on replies before acking the request.
+        confirm_replies: bool = true,
+        /// Queue that receives copies of poison requests; empty = none.
+        dead_letter_queue: String = String::new(),
+    }
+);
+
+section!(
+    /// `[shutdown]`: graceful drain.
+    ShutdownConfig, "shutdown" {
+        /// How long in-flight requests may take to finish after SIGTERM.
+        grace_secs: u64 = 20,
+    }
+);
+
+section!(
+    /// `[http]`: metrics and probes.
+    HttpConfig, "http" {
+        /// Listen address for `/metrics`, `/healthz`, `/readyz`; empty disables the listener.
+        listen: String = "127.0.0.1:9090".into(),
+    }
+);
+
+section!(
+    /// `[log]`: tracing output.
+    LogConfig, "log" {
+        /// An `EnvFilter` directive (`info`, `amqp_rpc=debug,lapin=warn`, ...); `RUST_LOG` wins.
+        level: String = "info".into(),
+        /// `text` or `json`.
+        format: LogFormat = LogFormat::Text,
+    }
+);
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Broker connection.
+    pub amqp: AmqpConfig,
+    /// Service queue and work limits.
+    pub service: ServiceConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// HTTP endpoints.
+    pub http: HttpConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+const SECTIONS: &[&str] = &["amqp", "service", "shutdown", "http", "log"];
+
+/// Load `path` (optional) and the process environment, then validate.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    load_with_env(path, None)
+}
+
+/// Like [`load`], with the environment given explicitly (`None` = the process environment);
+/// tests use it so they never touch global state.
+pub fn load_with_env(
+    path: Option<&Path>,
+    env: Option<HashMap<String, String>>,
+) -> Result<Config, ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(path) = path {
+        builder = builder.add_source(config::File::from(path).required(true));
+    }
+    let environment = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .source(env);
+    let cfg = builder
+        .add_source(environment)
+        .build()
+        .map_err(|e| ConfigError {
+            problems: vec![redact_text(&e.to_string())],
+        })?;
+
+    let mut problems = Vec::new();
+    if let Ok(root) = cfg.get_table("") {
+        for k in root.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+            problems.push(format!("{k}: unknown section"));
+        }
+    }
+    AmqpConfig::key_problems(&cfg, &mut problems);
+    ServiceConfig::key_problems(&cfg, &mut problems);
+    ShutdownConfig::key_problems(&cfg, &mut problems);
+    HttpConfig::key_problems(&cfg, &mut problems);
+    LogConfig::key_problems(&cfg, &mut problems);
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
+    }
+    let config: Config = cfg.try_deserialize().map_err(|e| ConfigError {
+        problems: vec![redact_text(&e.to_string())],
+    })?;
+    config.validate().map(|()| config)
+}
+
+impl Config {
+    /// Semantic checks on top of the types; returns every problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        let s = &self.service;
+        match self.amqp.urls() {
+            Ok(urls) if urls.is_empty() => p.push("amqp.url: no URL given".into()),
+            Ok(urls) => {
+                for url in urls {
+                    if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                        p.push(format!(
+                            "amqp.url: {:?} is not an AMQP URL: {e}",
+                            redact_url(&url)
+                        ));
+                    }
+                }
+            }
+            Err(e) => p.push(e),
+        }
+        if self.amqp.heartbeat_secs == 0 {
+            p.push(
+                "amqp.heartbeat_secs: must be at least 1 (a dead socket must be noticed)".into(),
+            );
+        }
+        if self.amqp.connect_timeout_secs == 0 {
+            p.push("amqp.connect_timeout_secs: must be at least 1".into());
+        }
+        if self.amqp.reconnect_max_backoff_secs == 0 {
+            p.push("amqp.reconnect_max_backoff_secs: must be at least 1".into());
+        }
+        if s.queue.is_empty() || s.queue.len() > 255 {
+            p.push("service.queue: must be 1 to 255 bytes".into());
+        } else if s.queue.starts_with("amq.") {
+            p.push("service.queue: names starting with \"amq.\" are reserved by the broker".into());
+        }
+        if s.prefetch == 0 {
+            p.push("service.prefetch: must be at least 1 (0 would mean unbounded)".into());
+        }
+        if s.max_n > 10_000_000 {
+            p.push("service.max_n: at most 10000000 (fib of that has ~2 million digits)".into());
+        }
+        if s.max_body_bytes == 0 || s.max_body_bytes > 16 * 1024 * 1024 {
+            p.push("service.max_body_bytes: must be 1 to 16777216".into());
+        }
+        if s.max_deliveries == 0 {
+            p.push("service.max_deliveries: must be at least 1".into());
+        }
+        if s.reply_cache_ttl_secs == 0 {
+            p.push("service.reply_cache_ttl_secs: must be at least 1".into());
+        }
+        if s.dead_letter_queue == s.queue {
+            p.push("service.dead_letter_queue: must differ from service.queue".into());
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "http.listen: {:?} is not an address like 127.0.0.1:9090",
+                self.http.listen
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            p.push(format!("log.level: {:?}: {e}", self.log.level));
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: p })
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// The broker URLs, with the password from `password_file` applied when set.
+    pub fn urls(&self) -> Result<Vec<String>, String> {
+        let password = match &self.password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        format!("amqp.password_file: cannot read {}: {e}", path.display())
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(split_urls(&self.url)
+            .map(|u| match &password {
+                Some(pw) => with_password(u, pw),
+                None => u.to_owned(),
+            })
+            .collect())
+    }
+
+    /// Heartbeat as a duration.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs.into())
+    }
+}
+
+impl ServiceConfig {
+    /// Handlers allowed at once, resolving 0 to the number of CPUs.
+    pub fn effective_concurrency(&self) -> usize {
+        match self.concurrency {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact_url(&self.url))
+            .field("password_file", &self.password_file)
+            .field("heartbeat_secs", &self.heartbeat_secs)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field(
+                "reconnect_max_backoff_secs",
+                &self.reconnect_max_backoff_secs,
+            )
+            .finish()
+    }
+}
+
+macro_rules! plain_debug {
+    ($($name:ident { $($field:ident),* })*) => {$(
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($name)) $(.field(stringify!($field), &self.$field))* .finish()
+            }
+        }
+    )*};
+}
+
+plain_debug! {
+    ServiceConfig { queue, queue_type, concurrency, prefetch, max_n, max_body_bytes, max_deliveries,
+        reply_cache_entries, reply_cache_ttl_secs, confirm_replies, dead_letter_queue }
+    ShutdownConfig { grace_secs }
+    HttpConfig { listen }
+    LogConfig { level, format }
+}
+
+/// Split a comma-separated URL list, ignoring blanks.
+pub fn split_urls(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|u| !u.is_empty())
+}
+
+/// The span of the password inside `scheme://user:password@host...`, if there is one.
+fn password_span(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("://")? + 3;
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let at = url[start..authority_end].rfind('@')? + start;
+    let colon = url[start..at].find(':')? + start;
+    Some((colon + 1, at))
+}
+
+/// The URL with its password replaced by `***`; safe to log. Works on malformed URLs too, so
+/// error messages about a bad URL do not leak it either.
+pub fn redact_url(url: &str) -> String {
+    match password_span(url) {
+        Some((a, b)) => format!("{}***{}", &url[..a], &url[b..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Redact every URL found in free text (error messages that may quote a URL).
+pub fn redact_text(text: &str) -> String {
+    text.split(' ')
+        .map(redact_url)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Every form of every password in a URL list (as written and percent-decoded), for the log
+/// redactor. Empty when the URLs carry none.
+pub fn url_secrets(urls: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for url in urls {
+        if let Some((a, b)) = password_span(url) {
+            out.push(url[a..b].to_owned());
+        }
+        if let Ok(uri) = url.parse::<lapin::uri::AMQPUri>() {
+            out.push(uri.authority.userinfo.password);
+        }
+    }
+    out.retain(|s| !s.is_empty());
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn with_password(url: &str, password: &str) -> String {
+    match password_span(url) {
+        Some((a, b)) => format!("{}{password}{}", &url[..a], &url[b..]),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = load_with_env(None, env(&[])).expect("defaults load");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.service.queue, "rpc_queue");
+    }
+
+    #[test]
+    fn shipped_config_toml_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let c = load_with_env(Some(&path), env(&[])).expect("config.toml loads");
+        assert_eq!(c, Config::default(), "config.toml documents the defaults");
+    }
+
+    #[test]
+    fn env_overrides_and_every_bad_value_is_reported() {
+        let c = load_with_env(
+            None,
+            env(&[
+                ("AMQP_RPC__SERVICE__QUEUE", "q1"),
+                ("AMQP_RPC__SERVICE__PREFETCH", "7"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((c.service.queue.as_str(), c.service.prefetch), ("q1", 7));
+
+        let err = load_with_env(
+            None,
+            env(&[
+                ("AMQP_RPC__SERVICE__PREFETCH", "lots"),
+                ("AMQP_RPC__SERVICE__QUEUE_TYPE", "stream"),
+                ("AMQP_RPC__LOG__FORMAT", "xml"),
+                ("AMQP_RPC__SERVICE__CONCURENCY", "2"),
+            ]),
+        )
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        for key in [
+            "service.prefetch",
+            "service.queue_type",
+            "log.format",
+            "service.concurency",
+        ] {
+            assert!(all.contains(key), "{key} missing from {all}");
+        }
+    }
+
+    #[test]
+    fn semantic_problems_are_all_listed_and_never_leak_the_password() {
+        let err = load_with_env(
+            None,
+            env(&[
+                ("AMQP_RPC__AMQP__URL", "http://bob:s3cr3t@host/"),
+                ("AMQP_RPC__SERVICE__PREFETCH", "0"),
+                ("AMQP_RPC__HTTP__LISTEN", "nowhere"),
+            ]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 3, "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(
+            redact_url("amqp://u:pw@h:5672/%2f"),
+            "amqp://u:***@h:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://h/%2f"), "amqp://h/%2f");
+        assert_eq!(redact_url("amqp://u@h"), "amqp://u@h");
+        assert_eq!(redact_text("bad amqp://u:p@w@h x"), "bad amqp://u:***@h x");
+        assert_eq!(with_password("amqp://u:old@h/v", "new"), "amqp://u:new@h/v");
+    }
+
+    #[test]
+    fn several_urls() {
+        let a = AmqpConfig {
+            url: " amqp://a:1@h1 , amqp://a:1@h2,".into(),
+            ..AmqpConfig::default()
+        };
+        assert_eq!(a.urls().unwrap(), vec!["amqp://a:1@h1", "amqp://a:1@h2"]);
+    }
+}

@@ -1,0 +1,37 @@
+//! amqp-rpc: production-grade request/reply RPC over RabbitMQ (AMQP 0-9-1).
+//!
+//! The RabbitMQ RPC tutorial's pattern (a worker consumes a queue and answers on `reply_to`
+//! with the request's `correlation_id`), with what production needs: deadlines, fast no-server
+//! detection, error replies with codes, input bounds, metrics, reconnection and graceful
+//! shutdown. The wire contract stays compatible with the tutorial's own pika client and server.
+//!
+//! # Layout
+//! - [`protocol`]: the wire contract shared by both sides (headers, error codes, deadlines).
+//! - [`config`]: `config.toml` + `AMQP_RPC__SECTION__KEY` overrides, validation, redaction.
+//! - [`amqp`]: connecting with backoff across brokers, declaring and probing the queue.
+//! - [`service`]: the methods served (`fib`) behind the [`service::Method`] trait.
+//! - [`server`]: the `amqp-rpcd` worker ([`server::Daemon`], [`server::run`]).
+//! - [`client`]: [`Client`], the multiplexing RPC client with deadlines, and [`CallError`].
+//! - [`bench`]: the closed-loop load generator behind `amqp-rpc bench`.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
+//! - [`telemetry`]: tracing set-up with secret redaction.
+//! - [`error`]: the daemon's fatal errors.
+
+pub mod amqp;
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod protocol;
+pub mod server;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use client::{CallError, Client, ClientBuilder};
+pub use config::Config;
+pub use error::Error;
+pub use protocol::ErrorCode;
+pub use server::{run, Daemon};

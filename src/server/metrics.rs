@@ -1,0 +1,127 @@
+//! The daemon's metric families, registered into the one registry `main` creates and passes
+//! down (no global statics, so tests can run several daemons in one process).
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// Handles to every family; cheap to clone (each is an `Arc` inside).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// `amqp_rpc_requests_total{method,outcome}`: answered requests by outcome
+    /// (`ok` or an error code).
+    pub requests: IntCounterVec,
+    /// `amqp_rpc_request_duration_seconds{method}`: from delivery to ack.
+    pub duration: HistogramVec,
+    /// `amqp_rpc_in_flight`: deliveries being handled now.
+    pub in_flight: IntGauge,
+    /// `amqp_rpc_redeliveries_total`: deliveries flagged redelivered.
+    pub redeliveries: IntCounter,
+    /// `amqp_rpc_replays_total`: replies served from the reply cache.
+    pub replays: IntCounter,
+    /// `amqp_rpc_poison_total`: requests given up after `max_deliveries`.
+    pub poison: IntCounter,
+    /// `amqp_rpc_expired_total`: requests dropped because their deadline had passed.
+    pub expired: IntCounter,
+    /// `amqp_rpc_rejected_total{reason}`: requests that could not be answered at all.
+    pub rejected: IntCounterVec,
+    /// `amqp_rpc_reply_publish_failures_total`.
+    pub reply_publish_failures: IntCounter,
+    /// `amqp_rpc_connection_up`: 1 while connected and consuming.
+    pub connection_up: IntGauge,
+    /// `amqp_rpc_reconnects_total`.
+    pub reconnects: IntCounter,
+}
+
+impl Metrics {
+    /// Create the families and register them (plus `amqp_rpc_build_info`) in `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = Metrics {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "amqp_rpc_requests_total",
+                    "Requests answered, by method and outcome",
+                ),
+                &["method", "outcome"],
+            )?,
+            duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "amqp_rpc_request_duration_seconds",
+                    "Time from delivery to acknowledgement",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+                &["method"],
+            )?,
+            in_flight: IntGauge::new("amqp_rpc_in_flight", "Deliveries being handled")?,
+            redeliveries: IntCounter::new(
+                "amqp_rpc_redeliveries_total",
+                "Deliveries the broker flagged as redelivered",
+            )?,
+            replays: IntCounter::new(
+                "amqp_rpc_replays_total",
+                "Replies served from the reply cache without running the handler",
+            )?,
+            poison: IntCounter::new(
+                "amqp_rpc_poison_total",
+                "Requests given up after max_deliveries attempts",
+            )?,
+            expired: IntCounter::new(
+                "amqp_rpc_expired_total",
+                "Requests dropped unprocessed because their deadline had passed",
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "amqp_rpc_rejected_total",
+                    "Requests that could not be answered",
+                ),
+                &["reason"],
+            )?,
+            reply_publish_failures: IntCounter::new(
+                "amqp_rpc_reply_publish_failures_total",
+                "Replies the broker did not accept",
+            )?,
+            connection_up: IntGauge::new(
+                "amqp_rpc_connection_up",
+                "1 while connected to the broker and consuming",
+            )?,
+            reconnects: IntCounter::new(
+                "amqp_rpc_reconnects_total",
+                "Broker connections re-established after a loss",
+            )?,
+        };
+        let build_info = IntGaugeVec::new(
+            Opts::new("amqp_rpc_build_info", "Build information"),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.duration.clone()))?;
+        registry.register(Box::new(m.in_flight.clone()))?;
+        registry.register(Box::new(m.redeliveries.clone()))?;
+        registry.register(Box::new(m.replays.clone()))?;
+        registry.register(Box::new(m.poison.clone()))?;
+        registry.register(Box::new(m.expired.clone()))?;
+        registry.register(Box::new(m.rejected.clone()))?;
+        registry.register(Box::new(m.reply_publish_failures.clone()))?;
+        registry.register(Box::new(m.connection_up.clone()))?;
+        registry.register(Box::new(m.reconnects.clone()))?;
+        registry.register(Box::new(build_info))?;
+        Ok(m)
+    }
+
+    /// The request counter for one method and outcome.
+    pub fn request(&self, method: &str, outcome: &str) -> IntCounter {
+        self.requests.with_label_values(&[method, outcome])
+    }
+
+    /// The duration histogram for one method.
+    pub fn duration_for(&self, method: &str) -> Histogram {
+        self.duration.with_label_values(&[method])
+    }
+}

@@ -1,0 +1,157 @@
+//! The `amqp-rpcd` worker: connect, declare, consume, answer, reconnect, drain.
+//!
+//! [`Daemon::start`] does everything that can fail fast (config validation, metrics
+//! registration, binding the HTTP listener); [`Daemon::run`] then serves until the injected
+//! shutdown token fires, reconnecting whenever the broker goes away. The binary only wires
+//! these together; tests drive the same code in-process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{jittered, Connector};
+use crate::config::Config;
+use crate::error::Error;
+use crate::http::{self, HttpState};
+use crate::service::Methods;
+
+pub mod metrics;
+pub mod request;
+mod session;
+
+pub use metrics::Metrics;
+
+/// Pause before reconnecting after a lost session, so a broker that accepts connections and
+/// then drops them does not get hammered.
+const RELOOP_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A started daemon, ready to [`run`](Daemon::run).
+#[derive(Debug)]
+pub struct Daemon {
+    config: Config,
+    registry: Registry,
+    metrics: Metrics,
+    methods: Methods,
+    ready: watch::Sender<bool>,
+    http: Option<(TcpListener, SocketAddr)>,
+}
+
+impl Daemon {
+    /// Validate the config, register the metrics into `registry`, bind the HTTP listener.
+    pub async fn start(config: Config, registry: Registry) -> Result<Self, Error> {
+        config.validate()?;
+        let metrics = Metrics::register(&registry)?;
+        let http = match config.http.listen.as_str() {
+            "" => None,
+            addr => Some(http::bind(addr).await?),
+        };
+        let methods = Methods::standard(config.service.max_n);
+        Ok(Daemon {
+            config,
+            registry,
+            metrics,
+            methods,
+            ready: watch::Sender::new(false),
+            http,
+        })
+    }
+
+    /// Serve this set of methods instead of the standard one.
+    pub fn with_methods(mut self, methods: Methods) -> Self {
+        self.methods = methods;
+        self
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// Follows readiness: true while connected, consuming and not draining.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// The metric handles (tests read counters directly).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serve until `shutdown` fires, then drain within `shutdown.grace_secs`.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        let http_stop = CancellationToken::new();
+        let http_task = self.http.take().map(|(listener, addr)| {
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            let state = HttpState {
+                registry: self.registry.clone(),
+                ready: self.ready.subscribe(),
+            };
+            http::serve(listener, state, http_stop.clone())
+        });
+        let result = self.serve(&shutdown).await;
+        self.ready.send_replace(false);
+        http_stop.cancel();
+        if let Some(task) = http_task {
+            let _ = task.await;
+        }
+        match &result {
+            Ok(()) => tracing::info!("stopped"),
+            Err(e) => tracing::error!(error = %e, "stopped with an error"),
+        }
+        result
+    }
+
+    async fn serve(&self, shutdown: &CancellationToken) -> Result<(), Error> {
+        let name = format!("amqp-rpcd pid={}", std::process::id());
+        let mut connector = Connector::new(&self.config.amqp, &name)?;
+        let cpu = Arc::new(Semaphore::new(self.config.service.effective_concurrency()));
+        tracing::info!(
+            queue = %self.config.service.queue,
+            methods = ?self.methods.names(),
+            concurrency = self.config.service.effective_concurrency(),
+            prefetch = self.config.service.prefetch,
+            "starting"
+        );
+        let mut connected_before = false;
+        loop {
+            let Some(conn) = connector.connect(shutdown, |_| {}).await else {
+                return Ok(());
+            };
+            if connected_before {
+                self.metrics.reconnects.inc();
+            }
+            connected_before = true;
+            let parts = session::Parts {
+                config: &self.config,
+                methods: &self.methods,
+                metrics: &self.metrics,
+                ready: &self.ready,
+                cpu: cpu.clone(),
+            };
+            match session::serve(&conn, parts, shutdown).await {
+                session::End::Shutdown(result) => return result,
+                session::End::Fatal(e) => return Err(e),
+                session::End::Lost(reason) => {
+                    tracing::warn!(%reason, "broker session lost; reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(jittered(RELOOP_PAUSE)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Start and run a daemon with the standard methods: the whole daemon in one call.
+pub async fn run(
+    config: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    Daemon::start(config, registry).await?.run(shutdown).await
+}

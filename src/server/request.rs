@@ -1,0 +1,293 @@
+//! One delivery, from the consumer to its ack: the contract's checks in order, the method run
+//! under the concurrency limit and the deadline, the reply published, then the ack.
+//!
+//! Every delivery ends in exactly one of: a reply then an ack; an ack without reply (no
+//! `reply_to`, or the deadline already passed); or no ack at all when the reply could not be
+//! handed to the broker (the broker then redelivers it, which is the at-least-once half of the
+//! contract).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
+use lapin::Channel;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
+use crate::server::metrics::Metrics;
+use crate::service::{Methods, Work};
+
+/// An error reply is sent this long before the caller's deadline at the latest, so it still
+/// arrives while the caller waits (a reply after the deadline is only noise).
+pub const REPLY_MARGIN: Duration = Duration::from_millis(20);
+
+/// Label used for requests naming no registered method (keeps label cardinality bounded).
+const UNKNOWN_METHOD_LABEL: &str = "unknown";
+
+/// Everything a delivery needs, shared by all deliveries of a connection.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// Registered methods.
+    pub methods: Methods,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+    /// Bounds CPU-heavy work to `service.concurrency`; shared across reconnects.
+    pub cpu: Arc<Semaphore>,
+    /// Channel replies are published on.
+    pub reply_channel: Channel,
+    /// Whether `reply_channel` is in confirm mode and confirms are awaited before the ack.
+    pub confirm_replies: bool,
+    /// Metric handles.
+    pub metrics: Metrics,
+}
+
+/// What evaluating a request led to.
+enum Outcome {
+    /// Send this reply.
+    Reply(Result<Vec<u8>, RequestError>),
+    /// The deadline passed before work started: ack, no reply.
+    Expired,
+}
+
+/// Handle one delivery end to end, inside its own span.
+pub async fn handle(ctx: Arc<RequestCtx>, delivery: Delivery) {
+    let meta = RequestMeta::from_properties(&delivery.properties);
+    let span = tracing::info_span!(
+        "request",
+        correlation_id = meta.correlation_id.as_deref().unwrap_or(""),
+        method = %meta.method,
+        attempt = meta.delivery_count.map_or(1, |c| c + 1),
+        redelivered = delivery.redelivered,
+        traceparent = meta.traceparent.as_deref().unwrap_or(""),
+    );
+    async move {
+        ctx.metrics.in_flight.inc();
+        let started = Instant::now();
+        let label = method_label(&ctx.methods, &meta.method);
+        handle_inner(&ctx, &meta, delivery, label).await;
+        ctx.metrics
+            .duration_for(label)
+            .observe(started.elapsed().as_secs_f64());
+        ctx.metrics.in_flight.dec();
+    }
+    .instrument(span)
+    .await
+}
+
+fn method_label<'a>(methods: &'a Methods, name: &str) -> &'a str {
+    methods.get(name).map_or(UNKNOWN_METHOD_LABEL, |m| m.name())
+}
+
+async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, label: &str) {
+    if delivery.redelivered {
+        ctx.metrics.redeliveries.inc();
+    }
+    let Some(reply_to) = meta.reply_to.as_deref() else {
+        tracing::warn!("request without reply_to: nobody to answer, dropping");
+        ctx.metrics
+            .rejected
+            .with_label_values(&["no_reply_to"])
+            .inc();
+        ack(&delivery).await;
+        return;
+    };
+    let outcome = if meta.expired(now_epoch_ms()) {
+        Outcome::Expired
+    } else {
+        evaluate(ctx, meta, &delivery.data).await
+    };
+    let result = match outcome {
+        Outcome::Expired => {
+            tracing::debug!("deadline passed before work started, dropping");
+            ctx.metrics.expired.inc();
+            ack(&delivery).await;
+            return;
+        }
+        Outcome::Reply(result) => result,
+    };
+    let outcome_label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code.as_str(),
+    };
+    let remaining = meta.remaining(now_epoch_ms());
+    if remaining == Some(Duration::ZERO) {
+        // Finished, but the caller has given up: a reply could only arrive late.
+        tracing::debug!(
+            outcome = outcome_label,
+            "finished after the deadline, not replying"
+        );
+        ctx.metrics.request(label, "deadline_exceeded").inc();
+        ack(&delivery).await;
+        return;
+    }
+    if let Err(e) = &result {
+        tracing::info!(code = %e.code, message = %e.message, "error reply");
+    }
+    match publish_reply(ctx, reply_to, meta, &result, remaining).await {
+        Ok(()) => {
+            ctx.metrics.request(label, outcome_label).inc();
+            ack(&delivery).await;
+        }
+        Err(PublishFailure::Nacked) => {
+            ctx.metrics.reply_publish_failures.inc();
+            tracing::warn!("broker refused the reply; requeueing the request");
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await;
+        }
+        Err(PublishFailure::Channel(e)) => {
+            // Not acked: the channel is gone, so the broker will redeliver the request.
+            ctx.metrics.reply_publish_failures.inc();
+            tracing::warn!(error = %e, "could not publish the reply; leaving the request unacked");
+        }
+    }
+}
+
+/// The contract's checks in order, then the method itself.
+async fn evaluate(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8]) -> Outcome {
+    if meta.correlation_id.is_none() {
+        return Outcome::Reply(Err(RequestError::new(
+            ErrorCode::InvalidArgument,
+            "missing correlation_id: set it so the reply can be matched to the request",
+        )));
+    }
+    if body.len() > ctx.max_body_bytes {
+        return Outcome::Reply(Err(RequestError::new(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "request body is {} bytes, over the limit of {} bytes",
+                body.len(),
+                ctx.max_body_bytes
+            ),
+        )));
+    }
+    let Some(method) = ctx.methods.get(&meta.method) else {
+        return Outcome::Reply(Err(RequestError::new(
+            ErrorCode::UnknownMethod,
+            format!(
+                "unknown method {:?}; this server has: {}",
+                truncate(&meta.method, 64),
+                ctx.methods.names().join(", ")
+            ),
+        )));
+    };
+    let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| method.prepare(body)))
+        .unwrap_or_else(|_| Err(panicked()));
+    match prepared {
+        Err(e) => Outcome::Reply(Err(e)),
+        Ok(Work::Done(answer)) => Outcome::Reply(Ok(answer)),
+        Ok(Work::Heavy(work)) => run_heavy(ctx, meta, work).await,
+    }
+}
+
+/// Run CPU work on the blocking pool under the concurrency limit, giving up (with a
+/// `deadline_exceeded` reply that still arrives in time) when the deadline draws near.
+async fn run_heavy(
+    ctx: &RequestCtx,
+    meta: &RequestMeta,
+    work: crate::service::HeavyWork,
+) -> Outcome {
+    let give_up_at = meta
+        .remaining(now_epoch_ms())
+        .map(|left| tokio::time::Instant::now() + left.saturating_sub(REPLY_MARGIN));
+    let too_late = || {
+        Outcome::Reply(Err(RequestError::new(
+            ErrorCode::DeadlineExceeded,
+            "the work could not finish before the request's deadline",
+        )))
+    };
+    let permit = match until(give_up_at, ctx.cpu.clone().acquire_owned()).await {
+        None => return too_late(),
+        Some(permit) => permit.expect("the concurrency semaphore is never closed"),
+    };
+    if meta.expired(now_epoch_ms()) {
+        return Outcome::Expired;
+    }
+    // The permit moves into the blocking task: if we stop waiting, the limit still counts the
+    // thread until it really finishes.
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    });
+    match until(give_up_at, task).await {
+        None => too_late(),
+        Some(Ok(result)) => Outcome::Reply(result),
+        Some(Err(join)) if join.is_panic() => Outcome::Reply(Err(panicked())),
+        Some(Err(join)) => Outcome::Reply(Err(RequestError::new(
+            ErrorCode::Internal,
+            format!("handler task failed: {join}"),
+        ))),
+    }
+}
+
+/// Await `fut`, or give up at `at` (never, when there is no deadline).
+async fn until<F: std::future::Future>(
+    at: Option<tokio::time::Instant>,
+    fut: F,
+) -> Option<F::Output> {
+    match at {
+        Some(at) => tokio::time::timeout_at(at, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+fn panicked() -> RequestError {
+    tracing::error!("handler panicked");
+    RequestError::new(ErrorCode::Internal, "the handler failed unexpectedly")
+}
+
+enum PublishFailure {
+    Nacked,
+    Channel(lapin::Error),
+}
+
+async fn publish_reply(
+    ctx: &RequestCtx,
+    reply_to: &str,
+    meta: &RequestMeta,
+    result: &Result<Vec<u8>, RequestError>,
+    remaining: Option<Duration>,
+) -> Result<(), PublishFailure> {
+    let (body, code) = match result {
+        Ok(body) => (body.as_slice(), None),
+        Err(e) => (e.message.as_bytes(), Some(e.code)),
+    };
+    let props = reply_properties(meta.correlation_id.as_deref(), code, remaining);
+    let confirm = ctx
+        .reply_channel
+        .basic_publish(
+            "".into(),
+            reply_to.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .map_err(PublishFailure::Channel)?;
+    if ctx.confirm_replies {
+        let confirmation = confirm.await.map_err(PublishFailure::Channel)?;
+        if confirmation.is_nack() {
+            return Err(PublishFailure::Nacked);
+        }
+    }
+    Ok(())
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        // The channel died under us; the broker redelivers, and the reply (if any) is a
+        // harmless duplicate the caller drops.
+        tracing::debug!(error = %e, "ack failed");
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}

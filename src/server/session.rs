@@ -1,0 +1,159 @@
+//! One broker connection's worth of serving: declare, qos, consume, dispatch deliveries, and
+//! on shutdown drain (cancel the consumer, give back what was not started, let in-flight work
+//! finish within the grace period).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::amqp::{declare_service_queue, DeclareError};
+use crate::config::Config;
+use crate::error::Error;
+use crate::server::metrics::Metrics;
+use crate::server::request::{self, RequestCtx};
+use crate::service::Methods;
+
+/// Bound on closing a connection that may already be dead.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a session borrows from the daemon.
+pub(super) struct Parts<'a> {
+    pub config: &'a Config,
+    pub methods: &'a Methods,
+    pub metrics: &'a Metrics,
+    pub ready: &'a watch::Sender<bool>,
+    pub cpu: Arc<Semaphore>,
+}
+
+/// How a session ended.
+pub(super) enum End {
+    /// Shutdown was requested; the drain's result.
+    Shutdown(Result<(), Error>),
+    /// The connection, channel or consumer went away: reconnect.
+    Lost(String),
+    /// Nothing a reconnect can fix.
+    Fatal(Error),
+}
+
+pub(super) async fn serve(
+    conn: &Connection,
+    parts: Parts<'_>,
+    shutdown: &CancellationToken,
+) -> End {
+    let service = &parts.config.service;
+    let setup = async {
+        let consume = conn.create_channel().await?;
+        declare_service_queue(&consume, service).await?;
+        consume
+            .basic_qos(service.prefetch, BasicQosOptions::default())
+            .await?;
+        let reply = conn.create_channel().await?;
+        if service.confirm_replies {
+            reply
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+        }
+        let tag = format!(
+            "amqp-rpcd-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let consumer = consume
+            .basic_consume(
+                service.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, DeclareError>((consume, reply, consumer, tag))
+    };
+    let (consume, reply, mut consumer, tag) = match setup.await {
+        Ok(parts) => parts,
+        Err(DeclareError::Fatal(e)) => return End::Fatal(e.into()),
+        Err(DeclareError::Broker(e)) => {
+            close(conn).await;
+            return End::Lost(format!("set-up failed: {e}"));
+        }
+    };
+    let ctx = Arc::new(RequestCtx {
+        methods: parts.methods.clone(),
+        max_body_bytes: service.max_body_bytes,
+        cpu: parts.cpu.clone(),
+        reply_channel: reply,
+        confirm_replies: service.confirm_replies,
+        metrics: parts.metrics.clone(),
+    });
+    parts.ready.send_replace(true);
+    parts.metrics.connection_up.set(1);
+    tracing::info!(queue = %service.queue, "consuming");
+
+    let tracker = TaskTracker::new();
+    let lost = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break None,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    tracker.spawn(request::handle(ctx.clone(), delivery));
+                }
+                Some(Err(e)) => break Some(format!("consumer error: {e}")),
+                None => break Some("the broker cancelled our consumer (queue deleted?)".to_owned()),
+            },
+        }
+    };
+    parts.ready.send_replace(false);
+    parts.metrics.connection_up.set(0);
+    tracker.close();
+    if let Some(reason) = lost {
+        // In-flight tasks may still finish; their acks go to a dead channel and fail, and the
+        // broker redelivers. Nothing from this connection is ever acked on the next one.
+        close(conn).await;
+        return End::Lost(reason);
+    }
+
+    let grace = Duration::from_secs(parts.config.shutdown.grace_secs);
+    tracing::info!(in_flight = tracker.len(), ?grace, "draining");
+    let _ = consume
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    // Deliveries already pushed to us but not started go back to the queue for another worker.
+    let give_back = async {
+        let mut returned = 0u32;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await;
+            returned += 1;
+        }
+        returned
+    };
+    if let Ok(returned) = tokio::time::timeout(grace, give_back).await {
+        if returned > 0 {
+            tracing::info!(returned, "requeued deliveries that had not started");
+        }
+    }
+    let drained = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
+    let unfinished = tracker.len();
+    close(conn).await;
+    End::Shutdown(if drained {
+        Ok(())
+    } else {
+        Err(Error::DrainTimeout(unfinished))
+    })
+}
+
+async fn close(conn: &Connection) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "amqp-rpcd closing".into())).await;
+}
