@@ -8,7 +8,7 @@
 #             May hold several comma-separated URLs; the first one is checked.
 #
 # If the broker answers, it is used as is. Otherwise, and only for the default
-# local node (127.0.0.1 / localhost / ::1, port 5672), rabbitmq-server is
+# local node (127.0.0.1 / localhost, port 5672), rabbitmq-server is
 # installed (root only, via apt-get) and started. Any other unreachable broker
 # is an error: we never start nodes on other hosts or ports.
 #
@@ -23,6 +23,8 @@ set -euo pipefail
 
 # Seconds to wait for a freshly started node to open its port.
 : "${BROKER_START_TIMEOUT_S:=90}"
+# Seconds to keep retrying a port that accepts TCP but stays silent.
+: "${BROKER_SILENT_TIMEOUT_S:=10}"
 
 _broker_log() { printf 'broker: %s\n' "$*" >&2; }
 
@@ -94,7 +96,7 @@ _broker_ready() {
 
 _broker_is_local() {
     case $1 in
-        127.0.0.1 | localhost | ::1 | localhost.localdomain) return 0 ;;
+        127.0.0.1 | localhost) return 0 ;;
         *) return 1 ;;
     esac
 }
@@ -139,14 +141,14 @@ _broker_install() {
         || { _broker_log "apt-get install rabbitmq-server failed"; return 1; }
 }
 
-# Wait up to $3 seconds for the broker to answer.
+# Wait up to $3 seconds (wall clock) for the broker to answer.
 _broker_wait() {
-    local host=$1 port=$2 limit=$3 i
-    for ((i = 0; i < limit; i++)); do
+    local host=$1 port=$2 deadline=$((SECONDS + $3))
+    while ((SECONDS < deadline)); do
         _broker_ready "$host" "$port" && return 0
         sleep 1
     done
-    return 1
+    _broker_ready "$host" "$port"
 }
 
 _broker_start_local() {
@@ -162,6 +164,14 @@ _broker_start_local() {
             _broker_log "started by the package installation"
             return 0
         fi
+    fi
+
+    # A node may already run with a listener that does not cover host:port
+    # (e.g. bound to another address): starting a second one cannot help.
+    if ctl=$(_broker_find rabbitmqctl) && timeout 30 "$ctl" -q ping >/dev/null 2>&1; then
+        _broker_log "a local RabbitMQ node is running, but $host:$port does not reach it;"
+        _broker_log "check its listeners ('rabbitmq-diagnostics listeners') or set AMQP_URL accordingly"
+        return 1
     fi
 
     _broker_log "starting RabbitMQ: $server -detached"
@@ -199,12 +209,12 @@ ensure_broker() {
         _broker_log "$host:$port answers, but not as an AMQP 0-9-1 broker (first reply byte 0x$BROKER_REPLY); check AMQP_URL"
         return 1
     elif _broker_tcp_open "$host" "$port"; then
-        # Accepts connections but stays silent: most likely a node still
-        # booting or overloaded. Give it time, but never start a second one.
-        _broker_log "$host:$port accepts connections but does not answer AMQP yet; waiting up to ${BROKER_START_TIMEOUT_S}s"
-        if ! _broker_wait "$host" "$port" "$BROKER_START_TIMEOUT_S"; then
-            _broker_log "$host:$port never completed the AMQP greeting"
-            _broker_is_local "$host" && _broker_dump_log
+        # Accepts connections but stays silent: an overloaded broker, or some
+        # other service. (RabbitMQ opens its listener only once booted.) Give
+        # it a little time, but never start a second node next to it.
+        _broker_log "$host:$port accepts connections but does not answer the AMQP greeting; retrying for ${BROKER_SILENT_TIMEOUT_S}s"
+        if ! _broker_wait "$host" "$port" "$BROKER_SILENT_TIMEOUT_S"; then
+            _broker_log "$host:$port is open but never answered as an AMQP 0-9-1 broker; check AMQP_URL"
             return 1
         fi
         _broker_log "using $host:$port"

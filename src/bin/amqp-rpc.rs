@@ -47,7 +47,8 @@ enum Command {
     Call {
         /// Method name, e.g. fib.
         method: String,
-        /// Argument, sent as the request body.
+        /// Argument, sent as the request body (may start with '-').
+        #[arg(allow_hyphen_values = true)]
         arg: String,
         #[command(flatten)]
         target: Target,
@@ -87,7 +88,9 @@ fn main() -> ExitCode {
     };
     let urls: Vec<String> = config::split_urls(&url).map(str::to_owned).collect();
     let log = LogConfig {
-        level: "warn".into(),
+        // lapin logs a broker's channel close (e.g. the 404 of our no-server probe) as an
+        // error; the CLI reports outcomes itself, so only our own warnings are shown.
+        level: "warn,lapin=off".into(),
         ..LogConfig::default()
     };
     let _ = telemetry::init(&log, config::url_secrets(&urls));

@@ -14,6 +14,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::Channel;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
@@ -23,6 +24,11 @@ use crate::service::{Methods, Work};
 /// An error reply is sent this long before the caller's deadline at the latest, so it still
 /// arrives while the caller waits (a reply after the deadline is only noise).
 pub const REPLY_MARGIN: Duration = Duration::from_millis(20);
+
+/// During a drain, a request not yet started is requeued for another worker only when it has at
+/// least this long left; with less, it would most likely expire in the queue, so it is answered
+/// `unavailable` at once and the caller can retry elsewhere now.
+pub const REQUEUE_MIN_REMAINING: Duration = Duration::from_secs(1);
 
 /// Label used for requests naming no registered method (keeps label cardinality bounded).
 const UNKNOWN_METHOD_LABEL: &str = "unknown";
@@ -42,6 +48,8 @@ pub struct RequestCtx {
     pub confirm_replies: bool,
     /// Metric handles.
     pub metrics: Metrics,
+    /// Fires when the daemon starts draining: work not yet started is given back.
+    pub draining: CancellationToken,
 }
 
 /// What evaluating a request led to.
@@ -50,6 +58,8 @@ enum Outcome {
     Reply(Result<Vec<u8>, RequestError>),
     /// The deadline passed before work started: ack, no reply.
     Expired,
+    /// Draining began before the work started: hand the request back.
+    GiveBack,
 }
 
 /// Handle one delivery end to end, inside its own span.
@@ -104,6 +114,10 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
             tracing::debug!("deadline passed before work started, dropping");
             ctx.metrics.expired.inc();
             ack(&delivery).await;
+            return;
+        }
+        Outcome::GiveBack => {
+            give_back(ctx, meta, &delivery).await;
             return;
         }
         Outcome::Reply(result) => result,
@@ -200,9 +214,17 @@ async fn run_heavy(
             "the work could not finish before the request's deadline",
         )))
     };
-    let permit = match until(give_up_at, ctx.cpu.clone().acquire_owned()).await {
+    let acquire = async {
+        tokio::select! {
+            biased;
+            permit = ctx.cpu.clone().acquire_owned() => Some(permit),
+            _ = ctx.draining.cancelled() => None,
+        }
+    };
+    let permit = match until(give_up_at, acquire).await {
         None => return too_late(),
-        Some(permit) => permit.expect("the concurrency semaphore is never closed"),
+        Some(None) => return Outcome::GiveBack,
+        Some(Some(permit)) => permit.expect("the concurrency semaphore is never closed"),
     };
     if meta.expired(now_epoch_ms()) {
         return Outcome::Expired;
@@ -275,6 +297,34 @@ async fn publish_reply(
         }
     }
     Ok(())
+}
+
+/// Return a request that was not started because the daemon is draining: requeue it for
+/// another worker, or answer `unavailable` when too little time is left for that to help.
+pub async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) {
+    let remaining = meta.remaining(now_epoch_ms());
+    let requeue = remaining.is_none_or(|left| left >= REQUEUE_MIN_REMAINING);
+    if let (false, Some(reply_to)) = (requeue, meta.reply_to.as_deref()) {
+        let error = Err(RequestError::new(
+            ErrorCode::Unavailable,
+            "this server is shutting down; retry",
+        ));
+        if publish_reply(ctx, reply_to, meta, &error, remaining)
+            .await
+            .is_ok()
+        {
+            let label = method_label(&ctx.methods, &meta.method);
+            ctx.metrics
+                .request(label, ErrorCode::Unavailable.as_str())
+                .inc();
+            ack(delivery).await;
+            return;
+        }
+    }
+    let _ = delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: true })
+        .await;
 }
 
 async fn ack(delivery: &Delivery) {

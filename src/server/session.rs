@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::Connection;
@@ -19,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::amqp::{declare_service_queue, DeclareError};
 use crate::config::Config;
 use crate::error::Error;
+use crate::protocol::RequestMeta;
 use crate::server::metrics::Metrics;
 use crate::server::request::{self, RequestCtx};
 use crate::service::Methods;
@@ -93,6 +93,7 @@ pub(super) async fn serve(
         reply_channel: reply,
         confirm_replies: service.confirm_replies,
         metrics: parts.metrics.clone(),
+        draining: shutdown.clone(),
     });
     parts.ready.send_replace(true);
     parts.metrics.connection_up.set(1);
@@ -131,10 +132,8 @@ pub(super) async fn serve(
     let give_back = async {
         let mut returned = 0u32;
         while let Some(Ok(delivery)) = consumer.next().await {
-            let _ = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await;
+            let meta = RequestMeta::from_properties(&delivery.properties);
+            request::give_back(&ctx, &meta, &delivery).await;
             returned += 1;
         }
         returned

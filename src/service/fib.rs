@@ -3,8 +3,8 @@
 //!
 //! Values up to `fib(186)` fit in a `u128` and are summed directly. Beyond that we use fast
 //! doubling on big integers: it needs O(log n) multiplications instead of O(n) additions of
-//! ever-growing numbers, so `fib(100_000)` (20 899 digits) takes under a millisecond, most of it
-//! spent converting the result to decimal.
+//! ever-growing numbers, so `fib(100_000)` (20 899 digits) takes under a millisecond in release
+//! mode, where the plain iterative sum takes about 20 ms.
 //!
 //! Parsing is strict and bounded before any work starts: whatever a client sends, the daemon
 //! either answers with a contract error or does at most `fib(max_n)` worth of work.

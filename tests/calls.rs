@@ -1,0 +1,256 @@
+//! Client and daemon over a real broker: results, concurrency, no-server detection, timeouts,
+//! late replies. Every call's outcome is counted.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use amqp_rpc::service::fib::fib_decimal;
+use amqp_rpc::CallError;
+use common::*;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+
+#[tokio::test]
+async fn success_path_exact_results() {
+    let queue = unique_queue("ok");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let client = client(&queue, Duration::from_secs(10)).await;
+    for n in [0u64, 1, 2, 10, 20, 30, 93, 94, 100, 1000, 1501, 100_000] {
+        let got = client
+            .call("fib", n.to_string().as_bytes())
+            .await
+            .expect("fib ok");
+        assert_eq!(String::from_utf8(got).unwrap(), fib_decimal(n), "fib({n})");
+    }
+    assert_eq!(client.fib(30).await.unwrap().to_string(), "832040");
+    assert_eq!(client.fib(100_000).await.unwrap().to_string().len(), 20899);
+    assert_eq!(daemon.requests("fib", "ok"), 14);
+    assert_eq!(client.pending_calls(), 0);
+    daemon.stop().await.expect("clean stop");
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn many_concurrent_calls_on_one_connection_all_correct() {
+    let queue = unique_queue("many");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let client = client(&queue, Duration::from_secs(20)).await;
+    let calls = (0..500u64).map(|i| {
+        let client = client.clone();
+        let n = (i * 7) % 2500; // inline and heavy paths both
+        async move { (n, client.call("fib", n.to_string().as_bytes()).await) }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let mut ok = 0;
+    for (n, result) in &results {
+        let body = result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("fib({n}) failed: {e}"));
+        assert_eq!(
+            std::str::from_utf8(body).unwrap(),
+            fib_decimal(*n),
+            "fib({n}) got another call's reply?"
+        );
+        ok += 1;
+    }
+    assert_eq!(ok, 500);
+    assert_eq!(
+        client.pending_calls(),
+        0,
+        "pending map must be empty after every call ended"
+    );
+    assert_eq!(client.late_replies(), 0);
+    assert_eq!(daemon.requests("fib", "ok"), 500);
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn no_server_when_queue_missing_is_fast() {
+    let queue = unique_queue("missing");
+    let client = client(&queue, Duration::from_secs(10)).await;
+    let t0 = Instant::now();
+    let err = client.call("fib", b"10").await.unwrap_err();
+    assert!(err.is_no_server(), "{err:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(client.pending_calls(), 0);
+}
+
+#[tokio::test]
+async fn no_server_when_queue_has_no_consumer_is_fast() {
+    let queue = unique_queue("noconsumer");
+    let conn = raw_connection().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let client = client(&queue, Duration::from_secs(10)).await;
+    let t0 = Instant::now();
+    let err = client.call("fib", b"10").await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::NoServer { reason, .. } if reason.contains("no consumer")),
+        "{err:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn no_server_when_queue_vanishes_after_a_good_probe() {
+    // The probe's "has consumers" answer is cached; the mandatory flag still catches a queue
+    // deleted meanwhile (the broker returns the request: NO_ROUTE).
+    let queue = unique_queue("vanish");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let client = client(&queue, Duration::from_secs(10)).await;
+    assert_eq!(client.fib(10).await.unwrap().to_string(), "55");
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+    let t0 = Instant::now();
+    let err = client.call("fib", b"10").await.unwrap_err();
+    assert!(err.is_no_server(), "{err:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+/// A server that takes requests and never answers; hands back what it took.
+async fn stalled_server(queue: &str) -> (lapin::Connection, lapin::Consumer) {
+    let conn = raw_connection().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (conn, consumer)
+}
+
+#[tokio::test]
+async fn timeout_against_a_stalled_server() {
+    let queue = unique_queue("stalled");
+    let (_conn, mut requests) = stalled_server(&queue).await;
+    let client = client(&queue, Duration::from_secs(10)).await;
+    let t0 = Instant::now();
+    let err = client
+        .call_timeout("fib", b"10", Duration::from_millis(700))
+        .await
+        .unwrap_err();
+    let took = t0.elapsed();
+    assert!(matches!(err, CallError::Timeout(_)), "{err:?}");
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_millis(1300),
+        "took {took:?}"
+    );
+    assert_eq!(client.pending_calls(), 0);
+    // The request carried its deadline and an expiration matching it.
+    let d = requests.next().await.unwrap().unwrap();
+    let expiration: u64 = d
+        .properties
+        .expiration()
+        .as_ref()
+        .unwrap()
+        .as_str()
+        .parse()
+        .unwrap();
+    assert!((1..=700).contains(&expiration), "expiration {expiration}");
+    let deadline = amqp_rpc::protocol::header_u64(d.properties.headers().as_ref(), "x-deadline-ms");
+    assert!(deadline.is_some());
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn late_and_duplicate_replies_are_dropped_and_counted() {
+    let queue = unique_queue("late");
+    let (conn, mut requests) = stalled_server(&queue).await;
+    let replier = conn.create_channel().await.unwrap();
+    let client = client(&queue, Duration::from_secs(10)).await;
+
+    let err = client
+        .call_timeout("fib", b"10", Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout());
+    let late = requests.next().await.unwrap().unwrap();
+    let reply_to = late.properties.reply_to().clone().unwrap();
+    let props = BasicProperties::default()
+        .with_correlation_id(late.properties.correlation_id().clone().unwrap());
+    for _ in 0..2 {
+        replier
+            .basic_publish(
+                "".into(),
+                reply_to.clone(),
+                BasicPublishOptions::default(),
+                b"55",
+                props.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    late.acker.ack(BasicAckOptions::default()).await.unwrap();
+    wait_until(Duration::from_secs(5), "two late replies counted", || {
+        client.late_replies() == 2
+    })
+    .await;
+
+    // A call made now gets its own answer, not the stale ones.
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.call("fib", b"11").await }
+    });
+    let fresh = requests.next().await.unwrap().unwrap();
+    assert_eq!(fresh.data, b"11");
+    let props = BasicProperties::default()
+        .with_correlation_id(fresh.properties.correlation_id().clone().unwrap());
+    replier
+        .basic_publish(
+            "".into(),
+            fresh.properties.reply_to().clone().unwrap(),
+            BasicPublishOptions::default(),
+            b"89",
+            props,
+        )
+        .await
+        .unwrap();
+    assert_eq!(call.await.unwrap().unwrap(), b"89");
+    assert_eq!(client.late_replies(), 2);
+    assert_eq!(client.pending_calls(), 0);
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn unreachable_broker_is_unavailable_by_the_deadline() {
+    // Port 9 (discard) on loopback: nothing listens, the connect is refused at once.
+    let client = amqp_rpc::Client::builder("amqp://guest:guest@127.0.0.1:9/%2f")
+        .queue("rpc_queue")
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let err = client
+        .call_timeout("fib", b"1", Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::Unavailable(_)), "{err:?}");
+    assert!(t0.elapsed() < Duration::from_millis(1500));
+}

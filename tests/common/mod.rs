@@ -1,0 +1,333 @@
+//! Test support: a real broker at `AMQP_URL`, an in-process daemon per test on its own queue,
+//! raw lapin peers for hand-crafted requests, and condition waits (never fixed sleeps).
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::future::Future;
+use std::time::Duration;
+
+use amqp_rpc::config::Config;
+use amqp_rpc::server::Metrics;
+use amqp_rpc::service::{Method, Methods, Work};
+use amqp_rpc::{Client, Daemon, ErrorCode};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use prometheus::core::Collector;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The broker under test.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A queue name no other test uses.
+pub fn unique_queue(prefix: &str) -> String {
+    format!(
+        "test-{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// Wait until `cond` holds, checking every 10 ms; panics after `limit` with `what`.
+pub async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let give_up = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Like [`wait_until`] with an async condition.
+pub async fn wait_until_async<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let give_up = tokio::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A config for one test: its own queue, metrics on a free port, quick shutdown.
+pub fn test_config(queue: &str) -> Config {
+    let mut config = Config::default();
+    config.amqp.url = amqp_url();
+    config.service.queue = queue.to_owned();
+    config.http.listen = "127.0.0.1:0".into();
+    config.shutdown.grace_secs = 5;
+    config
+}
+
+/// A daemon running in-process through the library's `Daemon::run`.
+pub struct TestDaemon {
+    pub queue: String,
+    pub metrics: Metrics,
+    pub http: std::net::SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), amqp_rpc::Error>>,
+}
+
+impl TestDaemon {
+    /// Start with the standard methods on `config`, waiting until it consumes.
+    pub async fn start(config: Config) -> Self {
+        Self::start_with(config, None).await
+    }
+
+    /// Start with extra methods (the standard `fib` is always included).
+    pub async fn start_with(config: Config, methods: Option<Methods>) -> Self {
+        let queue = config.service.queue.clone();
+        let max_n = config.service.max_n;
+        let mut daemon = Daemon::start(config, prometheus::Registry::new())
+            .await
+            .expect("daemon starts");
+        if let Some(methods) = methods {
+            daemon = daemon.with_methods(methods.with(amqp_rpc::service::fib::Fib::new(max_n)));
+        }
+        let metrics = daemon.metrics().clone();
+        let http = daemon.http_addr().expect("http enabled");
+        let mut ready = daemon.readiness();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(daemon.run(shutdown.clone()));
+        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+            .await
+            .expect("daemon ready within 20s")
+            .expect("daemon alive");
+        TestDaemon {
+            queue,
+            metrics,
+            http,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Shut down and return run()'s result.
+    pub async fn stop(self) -> Result<(), amqp_rpc::Error> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("daemon stops within 30s")
+            .expect("daemon task not panicked")
+    }
+
+    /// Count of `amqp_rpc_requests_total{method,outcome}`.
+    pub fn requests(&self, method: &str, outcome: &str) -> u64 {
+        self.metrics.request(method, outcome).get()
+    }
+
+    /// Sum of `amqp_rpc_requests_total` over every method and outcome.
+    pub fn requests_sum(&self) -> u64 {
+        self.metrics
+            .requests
+            .collect()
+            .iter()
+            .flat_map(|mf| mf.get_metric())
+            .map(|m| m.get_counter().value() as u64)
+            .sum()
+    }
+}
+
+/// A client of `queue` on the test broker.
+pub async fn client(queue: &str, timeout: Duration) -> Client {
+    Client::builder(amqp_url())
+        .queue(queue)
+        .timeout(timeout)
+        .connect()
+        .await
+        .expect("client connects")
+}
+
+/// A plain lapin connection for raw peers.
+pub async fn raw_connection() -> Connection {
+    Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("raw connection")
+}
+
+/// Delete a queue (cleanup; ignores errors).
+pub async fn delete_queue(name: &str) {
+    let conn = raw_connection().await;
+    if let Ok(ch) = conn.create_channel().await {
+        let _ = ch
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// A raw requester: publishes hand-made requests and reads replies from its own exclusive queue.
+pub struct RawRequester {
+    pub conn: Connection,
+    pub channel: Channel,
+    pub reply_queue: String,
+    pub replies: Consumer,
+}
+
+/// One reply as seen on the wire.
+#[derive(Debug)]
+pub struct RawReply {
+    pub correlation_id: Option<String>,
+    pub error_code: Option<ErrorCode>,
+    pub body: Vec<u8>,
+}
+
+impl RawRequester {
+    pub async fn new() -> Self {
+        let conn = raw_connection().await;
+        let channel = conn.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions::exclusive(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let reply_queue = q.name().to_string();
+        let replies = channel
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        RawRequester {
+            conn,
+            channel,
+            reply_queue,
+            replies,
+        }
+    }
+
+    /// Properties naming our reply queue.
+    pub fn props(&self, correlation_id: &str) -> BasicProperties {
+        BasicProperties::default()
+            .with_reply_to(self.reply_queue.as_str().into())
+            .with_correlation_id(correlation_id.into())
+    }
+
+    pub async fn publish(&self, queue: &str, body: &[u8], props: BasicProperties) {
+        self.channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The next reply, or panic after `limit`.
+    pub async fn next_reply(&mut self, limit: Duration) -> RawReply {
+        let d = tokio::time::timeout(limit, self.replies.next())
+            .await
+            .expect("a reply in time")
+            .expect("consumer open")
+            .expect("delivery ok");
+        let headers = d.properties.headers().as_ref();
+        RawReply {
+            correlation_id: d
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.to_string()),
+            error_code: amqp_rpc::protocol::header_str(
+                headers,
+                amqp_rpc::protocol::ERROR_CODE_HEADER,
+            )
+            .map(|c| c.parse().expect("a contract error code")),
+            body: d.data,
+        }
+    }
+}
+
+/// Test method: sleeps on the blocking pool for the number of milliseconds in the body.
+pub struct Sleep;
+
+impl Method for Sleep {
+    fn name(&self) -> &str {
+        "sleep"
+    }
+    fn prepare(&self, body: &[u8]) -> Result<Work, amqp_rpc::protocol::RequestError> {
+        let ms: u64 = std::str::from_utf8(body)
+            .unwrap_or("0")
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        Ok(Work::Heavy(Box::new(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(b"slept".to_vec())
+        })))
+    }
+}
+
+/// Test method: panics, either while preparing (body "prepare") or on the blocking pool.
+pub struct Panic;
+
+impl Method for Panic {
+    fn name(&self) -> &str {
+        "panic"
+    }
+    fn prepare(&self, body: &[u8]) -> Result<Work, amqp_rpc::protocol::RequestError> {
+        if body == b"prepare" {
+            panic!("test panic while preparing");
+        }
+        Ok(Work::Heavy(Box::new(|| {
+            panic!("test panic in the handler")
+        })))
+    }
+}
+
+/// Test method: blocks a handler thread until the test opens the gate.
+pub struct Block(pub std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Block {
+    pub fn new() -> (
+        Self,
+        std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    ) {
+        let gate = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        (Block(gate.clone()), gate)
+    }
+}
+
+/// Open a [`Block`] gate.
+pub fn open_gate(gate: &std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>) {
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+}
+
+impl Method for Block {
+    fn name(&self) -> &str {
+        "block"
+    }
+    fn prepare(&self, _body: &[u8]) -> Result<Work, amqp_rpc::protocol::RequestError> {
+        let gate = self.0.clone();
+        Ok(Work::Heavy(Box::new(move || {
+            let mut open = gate.0.lock().unwrap();
+            while !*open {
+                open = gate.1.wait(open).unwrap();
+            }
+            Ok(b"unblocked".to_vec())
+        })))
+    }
+}
