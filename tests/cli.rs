@@ -1,0 +1,281 @@
+//! The binaries as a user runs them: `amqp-rpc call` exit codes, a stalled `amqp-rpcd` child
+//! (SIGSTOP), `--check-config`, and the password never reaching the logs.
+
+mod common;
+
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+async fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_amqp-rpc"))
+        .args(args)
+        .env("AMQP_URL", amqp_url())
+        .output()
+        .await
+        .expect("amqp-rpc runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn call_exit_codes() {
+    let queue = unique_queue("cli");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+
+    let out = cli(&["call", "fib", "20", "--queue", &queue]).await;
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).trim()),
+        (Some(0), "6765")
+    );
+
+    for (arg, code) in [
+        ("abc", "invalid_argument"),
+        ("100001", "out_of_range"),
+        ("-1", "invalid_argument"),
+    ] {
+        let out = cli(&["call", "fib", arg, "--queue", &queue]).await;
+        assert_eq!(out.status.code(), Some(5), "{arg}");
+        assert!(
+            text(&out.stderr).contains(code),
+            "{arg}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = cli(&["call", "nosuch", "1", "--queue", &queue]).await;
+    assert_eq!(out.status.code(), Some(5));
+    assert!(text(&out.stderr).contains("unknown_method"));
+
+    // No server: queue missing, then queue present without a consumer; both in under 2 s.
+    let missing = unique_queue("cli-missing");
+    let t0 = Instant::now();
+    let out = cli(&["call", "fib", "1", "--queue", &missing, "--timeout", "10s"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    let conn = raw_connection().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        missing.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let out = cli(&["call", "fib", "1", "--queue", &missing, "--timeout", "10s"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(t0.elapsed() < Duration::from_secs(2));
+
+    let out = cli(&[
+        "call",
+        "fib",
+        "1",
+        "--url",
+        "amqp://guest:guest@127.0.0.1:9/%2f",
+        "--timeout",
+        "1s",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+    let out = cli(&["call", "fib"]).await;
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = cli(&[
+        "bench",
+        "--queue",
+        &queue,
+        "--requests",
+        "300",
+        "--concurrency",
+        "8",
+        "--json",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap()).expect("JSON last line");
+    assert_eq!(report["calls"], 300);
+    assert_eq!(report["ok"], 300);
+    assert_eq!(report["errors"], 0);
+    assert!(report["calls_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(report["p99_us"].as_u64().unwrap() >= report["p50_us"].as_u64().unwrap());
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+    delete_queue(&missing).await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A minimal HTTP/1.0 GET: (status, body).
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        buf.split("\r\n\r\n").nth(1).unwrap_or("").to_owned(),
+    ))
+}
+
+async fn spawn_daemon(queue: &str, port: u16, extra_env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_amqp-rpcd"))
+        .env("AMQP_RPC__AMQP__URL", amqp_url())
+        .env("AMQP_RPC__SERVICE__QUEUE", queue)
+        .env("AMQP_RPC__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .envs(extra_env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("amqp-rpcd runs")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[tokio::test]
+async fn stalled_daemon_call_times_out_and_the_request_is_never_computed() {
+    let queue = unique_queue("sigstop");
+    let port = free_port();
+    let mut daemon = spawn_daemon(&queue, port, &[]).await;
+    wait_until_async(Duration::from_secs(20), "daemon ready", || async {
+        matches!(http_get(port, "/readyz").await, Some((200, _)))
+    })
+    .await;
+
+    signal(&daemon, "-STOP");
+    let t0 = Instant::now();
+    let out = cli(&["call", "fib", "30", "--queue", &queue, "--timeout", "700ms"]).await;
+    let took = t0.elapsed();
+    signal(&daemon, "-CONT");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_millis(1500),
+        "took {took:?}"
+    );
+
+    // Resumed, the daemon finds the request past its deadline: acked and dropped, not computed.
+    wait_until_async(
+        Duration::from_secs(10),
+        "expired request counted",
+        || async {
+            http_get(port, "/metrics")
+                .await
+                .is_some_and(|(_, m)| m.contains("amqp_rpc_expired_total 1"))
+        },
+    )
+    .await;
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    assert!(
+        !metrics.contains("amqp_rpc_requests_total{method=\"fib\""),
+        "fib ran:\n{metrics}"
+    );
+    let conn = raw_connection().await;
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default().passive(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 0);
+
+    signal(&daemon, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), daemon.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "graceful exit");
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn check_config_lists_every_problem_without_the_password() {
+    let config = format!("{}/config.toml", env!("CARGO_MANIFEST_DIR"));
+    let ok = Command::new(env!("CARGO_BIN_EXE_amqp-rpcd"))
+        .args(["--config", &config, "--check-config"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_amqp-rpcd"))
+        .args(["--config", &config, "--check-config"])
+        .env(
+            "AMQP_RPC__AMQP__URL",
+            "amqp://user:s3cr3t-pw@host:notaport/%2f",
+        )
+        .env("AMQP_RPC__SERVICE__PREFETCH", "0")
+        .env("AMQP_RPC__LOG__FORMAT", "xml")
+        .env("AMQP_RPC__SERVICE__MAX_N", "many")
+        .output()
+        .await
+        .unwrap();
+    let stderr = text(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(64), "{stderr}");
+    for key in ["log.format", "service.max_n"] {
+        assert!(stderr.contains(key), "{key} not reported: {stderr}");
+    }
+    assert!(!stderr.contains("s3cr3t-pw"), "{stderr}");
+}
+
+#[tokio::test]
+async fn password_never_reaches_the_log_even_at_trace_level() {
+    let queue = unique_queue("secret");
+    let port = free_port();
+    let url = amqp_url().replacen("guest:guest@", "guest:Wr0ng-Passw0rd@", 1);
+    let mut daemon = spawn_daemon(
+        &queue,
+        port,
+        &[("AMQP_RPC__AMQP__URL", &url), ("RUST_LOG", "trace")],
+    )
+    .await;
+    let mut stderr = daemon.stderr.take().unwrap();
+    let mut log = Vec::new();
+    // Read until two failed connection attempts have been logged.
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while text(&log).matches("connection attempt failed").count() < 2 {
+            let n = stderr.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "daemon exited: {}", text(&log));
+            log.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("two failed attempts logged");
+    daemon.kill().await.unwrap();
+    let log = text(&log);
+    assert!(
+        log.contains("ACCESS_REFUSED") || log.contains("refused"),
+        "{log}"
+    );
+    assert!(!log.contains("Wr0ng-Passw0rd"), "password leaked");
+}

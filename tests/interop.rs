@@ -1,0 +1,125 @@
+//! Interop with the RabbitMQ tutorial's own Python pika programs (tests/interop/*.py, kept as
+//! the tutorial wrote them): their client against our daemon, our client against their server.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+/// Host and port of the test broker, for the pika scripts.
+fn broker_host_port() -> (String, u16) {
+    let url = amqp_url();
+    let uri: lapin::uri::AMQPUri = url
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("AMQP_URL parses");
+    (uri.authority.host, uri.authority.port)
+}
+
+fn python(script: &str, queue: &str) -> Command {
+    let (host, port) = broker_host_port();
+    let mut cmd = Command::new("python3");
+    cmd.arg(format!(
+        "{}/tests/interop/{script}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .env("AMQP_HOST", host)
+    .env("AMQP_PORT", port.to_string())
+    .env("RPC_QUEUE", queue)
+    .env("RPC_TIMEOUT_S", "20")
+    .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test]
+async fn tutorial_client_gets_exact_answers_from_amqp_rpcd() {
+    let queue = unique_queue("pika-client");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let out = python("tutorial_client.py", &queue)
+        .args(["30", "100"])
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("fib(30) = 832040"), "{stdout}");
+    assert!(
+        stdout.contains("fib(100) = 354224848179261915075"),
+        "{stdout}"
+    );
+    assert_eq!(daemon.requests("fib", "ok"), 2);
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn tutorial_client_fails_loudly_on_an_error_reply_instead_of_hanging() {
+    let queue = unique_queue("pika-bad");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let t0 = Instant::now();
+    let out = python("tutorial_client.py", &queue)
+        .arg("abc")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    // int(body) raised on our one-line message: the reply arrived (the 20 s alarm did not fire).
+    assert!(
+        stderr.contains("ValueError") && stderr.contains("invalid argument"),
+        "{stderr}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    assert_eq!(daemon.requests("fib", "invalid_argument"), 1);
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn amqp_rpc_calls_the_tutorial_server() {
+    let queue = unique_queue("pika-server");
+    let mut server = python("tutorial_server.py", &queue)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("Awaiting RPC requests") {
+                return;
+            }
+        }
+        panic!("tutorial server exited before it was ready");
+    })
+    .await
+    .expect("tutorial server ready in time");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_amqp-rpc"))
+        .args(["call", "fib", "20", "--queue", &queue, "--url", &amqp_url()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6765");
+
+    let client = client(&queue, Duration::from_secs(10)).await;
+    assert_eq!(client.fib(25).await.unwrap().to_string(), "75025");
+    server.kill().await.unwrap();
+    delete_queue(&queue).await;
+}
