@@ -15,6 +15,14 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 
+/// (correlation id, body, `type`, expected: Ok(success body) or Err(error code)).
+type Case = (
+    &'static str,
+    Vec<u8>,
+    Option<&'static str>,
+    Result<&'static str, ErrorCode>,
+);
+
 fn with_deadline(props: BasicProperties, deadline_ms: i64) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(DEADLINE_HEADER.into(), AMQPValue::LongLongInt(deadline_ms));
@@ -30,8 +38,7 @@ async fn hostile_requests_each_get_exactly_one_right_reply() {
 
     let mut random = vec![0xffu8];
     random.extend((0..200).map(|_| fastrand::u8(..)));
-    // (correlation id, body, type, expected code; None = success with this body)
-    let cases: Vec<(&str, Vec<u8>, Option<&str>, Result<&str, ErrorCode>)> = vec![
+    let cases: Vec<Case> = vec![
         ("random", random, None, Err(ErrorCode::InvalidArgument)),
         (
             "megabyte",
