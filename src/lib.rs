@@ -13,6 +13,7 @@
 //! - [`server`]: the `amqp-rpcd` worker ([`server::Daemon`], [`server::run`]).
 //! - [`client`]: [`Client`], the multiplexing RPC client with deadlines, and [`CallError`].
 //! - [`bench`]: the closed-loop load generator behind `amqp-rpc bench`.
+//! - [`secret`]: password redaction for logs and messages.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
 //! - [`telemetry`]: tracing set-up with secret redaction.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod protocol;
+pub mod secret;
 pub mod server;
 pub mod service;
 pub mod shutdown;

@@ -196,17 +196,7 @@ async fn stalled_daemon_call_times_out_and_the_request_is_never_computed() {
         !metrics.contains("amqp_rpc_requests_total{method=\"fib\""),
         "fib ran:\n{metrics}"
     );
-    let conn = raw_connection().await;
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::default().passive(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(q.message_count(), 0);
+    assert_eq!(queue_message_count(&queue).await, 0);
 
     signal(&daemon, "-TERM");
     let status = tokio::time::timeout(Duration::from_secs(20), daemon.wait())

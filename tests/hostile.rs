@@ -11,7 +11,6 @@ use amqp_rpc::protocol::DEADLINE_HEADER;
 use amqp_rpc::service::Methods;
 use amqp_rpc::{CallError, ErrorCode};
 use common::*;
-use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 
@@ -257,26 +256,10 @@ async fn abandoned_request_expires_in_the_queue_and_is_never_computed() {
         .await
         .unwrap_err();
     assert!(matches!(err, CallError::Timeout(_)), "{err:?}");
-    let conn = raw_connection().await;
-    let ch = conn.create_channel().await.unwrap();
     wait_until_async(
         Duration::from_secs(10),
         "the expired request leaves the queue",
-        || {
-            let ch = ch.clone();
-            let queue = queue.clone();
-            async move {
-                let q = ch
-                    .queue_declare(
-                        queue.as_str().into(),
-                        QueueDeclareOptions::default().passive(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .unwrap();
-                q.message_count() == 0
-            }
-        },
+        || async { queue_message_count(&queue).await == 0 },
     )
     .await;
     open_gate(&gate);

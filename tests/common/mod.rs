@@ -156,6 +156,22 @@ pub async fn raw_connection() -> Connection {
         .expect("raw connection")
 }
 
+/// Ready messages in `queue` (passive declare on a fresh connection).
+pub async fn queue_message_count(queue: &str) -> u32 {
+    let conn = raw_connection().await;
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default().passive(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue exists");
+    let _ = conn.close(200, "bye".into()).await;
+    q.message_count()
+}
+
 /// Delete a queue (cleanup; ignores errors).
 pub async fn delete_queue(name: &str) {
     let conn = raw_connection().await;
