@@ -2,6 +2,8 @@
 //! raw lapin peers for hand-crafted requests, and condition waits (never fixed sleeps).
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod proxy;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use prometheus::core::Collector;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -87,6 +90,16 @@ impl TestDaemon {
 
     /// Start with extra methods (the standard `fib` is always included).
     pub async fn start_with(config: Config, methods: Option<Methods>) -> Self {
+        let (daemon, mut ready) = Self::spawn(config, methods).await;
+        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
+            .await
+            .expect("daemon ready within 20s")
+            .expect("daemon alive");
+        daemon
+    }
+
+    /// Start without waiting for readiness; the receiver follows it.
+    pub async fn spawn(config: Config, methods: Option<Methods>) -> (Self, watch::Receiver<bool>) {
         let queue = config.service.queue.clone();
         let max_n = config.service.max_n;
         let mut daemon = Daemon::start(config, prometheus::Registry::new())
@@ -97,20 +110,19 @@ impl TestDaemon {
         }
         let metrics = daemon.metrics().clone();
         let http = daemon.http_addr().expect("http enabled");
-        let mut ready = daemon.readiness();
+        let ready = daemon.readiness();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(daemon.run(shutdown.clone()));
-        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
-            .await
-            .expect("daemon ready within 20s")
-            .expect("daemon alive");
-        TestDaemon {
-            queue,
-            metrics,
-            http,
-            shutdown,
-            task,
-        }
+        (
+            TestDaemon {
+                queue,
+                metrics,
+                http,
+                shutdown,
+                task,
+            },
+            ready,
+        )
     }
 
     /// Shut down and return run()'s result.

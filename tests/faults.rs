@@ -1,0 +1,173 @@
+//! Network faults between a process and the broker, injected with the test proxy: the daemon
+//! boots before the broker, survives cuts and blackholes; the client fails in-flight calls with
+//! `ConnectionLost` and recovers. Every call's outcome is counted.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use amqp_rpc::service::Methods;
+use amqp_rpc::CallError;
+use common::proxy::{broker_addr, Proxy};
+use common::*;
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn daemon_boots_before_the_broker_and_connects_when_it_appears() {
+    let queue = unique_queue("boot");
+    let addr = free_addr();
+    let mut config = test_config(&queue);
+    config.amqp.url = format!("amqp://{}@{addr}/%2f", credentials());
+    let (daemon, mut ready) = TestDaemon::spawn(config, None).await;
+    assert!(!*ready.borrow(), "nothing listens yet");
+    // The broker "appears": a proxy to it starts listening on the daemon's address.
+    let _proxy = Proxy::start(addr, broker_addr(&amqp_url())).await;
+    tokio::time::timeout(Duration::from_secs(15), ready.wait_for(|r| *r))
+        .await
+        .expect("ready once the broker is reachable")
+        .unwrap();
+    let client = client(&queue, Duration::from_secs(5)).await;
+    assert_eq!(client.fib(12).await.unwrap().to_string(), "144");
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}
+
+/// `user:password` of the test broker URL.
+fn credentials() -> String {
+    let uri: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
+    format!(
+        "{}:{}",
+        uri.authority.userinfo.username, uri.authority.userinfo.password
+    )
+}
+
+#[tokio::test]
+async fn daemon_reconnects_after_a_network_cut() {
+    let queue = unique_queue("cut");
+    let proxy = Proxy::start(free_addr(), broker_addr(&amqp_url())).await;
+    let mut config = test_config(&queue);
+    config.amqp.url = proxy.url(&amqp_url());
+    let (daemon, mut ready) = TestDaemon::spawn(config, None).await;
+    ready.wait_for(|r| *r).await.unwrap();
+    let client = client(&queue, Duration::from_secs(10)).await;
+    assert_eq!(client.fib(10).await.unwrap().to_string(), "55");
+
+    proxy.cut_all();
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| !*r))
+        .await
+        .expect("readiness drops on the cut")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+        .await
+        .expect("ready again after reconnecting")
+        .unwrap();
+    assert_eq!(daemon.metrics.reconnects.get(), 1);
+    assert_eq!(client.fib(11).await.unwrap().to_string(), "89");
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn daemon_detects_a_blackholed_broker_by_heartbeat_and_recovers() {
+    let queue = unique_queue("blackhole");
+    let proxy = Proxy::start(free_addr(), broker_addr(&amqp_url())).await;
+    let mut config = test_config(&queue);
+    config.amqp.url = proxy.url(&amqp_url());
+    config.amqp.heartbeat_secs = 1;
+    config.amqp.connect_timeout_secs = 1;
+    let (daemon, mut ready) = TestDaemon::spawn(config, None).await;
+    ready.wait_for(|r| *r).await.unwrap();
+
+    proxy.set_blackhole(true);
+    let t0 = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| !*r))
+        .await
+        .expect("a silent broker is noticed")
+        .unwrap();
+    // Two heartbeat intervals, plus scheduling slack.
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t0.elapsed()
+    );
+    proxy.set_blackhole(false);
+    tokio::time::timeout(Duration::from_secs(15), ready.wait_for(|r| *r))
+        .await
+        .expect("recovers once traffic flows")
+        .unwrap();
+    let client = client(&queue, Duration::from_secs(10)).await;
+    assert_eq!(client.fib(13).await.unwrap().to_string(), "233");
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn client_fails_in_flight_calls_on_a_cut_then_recovers() {
+    let queue = unique_queue("client-cut");
+    let (block, gate) = Block::new();
+    let daemon =
+        TestDaemon::start_with(test_config(&queue), Some(Methods::default().with(block))).await;
+    let proxy = Proxy::start(free_addr(), broker_addr(&amqp_url())).await;
+    let client = amqp_rpc::Client::builder(proxy.url(&amqp_url()))
+        .queue(queue.as_str())
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move { client.call("block", b"").await }
+    });
+    wait_until(Duration::from_secs(10), "the call is in flight", || {
+        daemon.metrics.in_flight.get() == 1
+    })
+    .await;
+
+    let t0 = Instant::now();
+    proxy.cut_all();
+    let err = in_flight.await.unwrap().unwrap_err();
+    assert_eq!(err, CallError::ConnectionLost);
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "fails at once, not at the deadline"
+    );
+    assert_eq!(client.pending_calls(), 0);
+    open_gate(&gate);
+
+    // A call made now waits for the reconnection (within its deadline) and succeeds.
+    assert_eq!(client.fib(14).await.unwrap().to_string(), "377");
+    assert_eq!(client.reconnects(), 1);
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn dropping_a_call_removes_its_pending_entry() {
+    let queue = unique_queue("drop");
+    let (block, gate) = Block::new();
+    let daemon =
+        TestDaemon::start_with(test_config(&queue), Some(Methods::default().with(block))).await;
+    let client = client(&queue, Duration::from_secs(10)).await;
+    let call = client.call("block", b"");
+    // The caller gives up on its own (drops the future) long before the call's deadline.
+    assert!(tokio::time::timeout(Duration::from_millis(300), call)
+        .await
+        .is_err());
+    assert_eq!(client.pending_calls(), 0);
+    open_gate(&gate);
+    wait_until(
+        Duration::from_secs(10),
+        "the orphan reply arrives and is dropped",
+        || client.late_replies() == 1,
+    )
+    .await;
+    assert_eq!(client.fib(15).await.unwrap().to_string(), "610");
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}
