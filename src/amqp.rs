@@ -201,6 +201,29 @@ pub async fn declare_service_queue(
         })
 }
 
+/// Declare the durable classic queue that keeps copies of poison requests for inspection.
+pub async fn declare_dead_letter_queue(
+    channel: &Channel,
+    name: &str,
+) -> Result<Queue, DeclareError> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| match soft_error(&e) {
+            Some((AMQPSoftError::PRECONDITIONFAILED, detail)) => {
+                DeclareError::Fatal(SetupError::QueueClash {
+                    queue: name.to_owned(),
+                    detail,
+                })
+            }
+            _ => DeclareError::Broker(e),
+        })
+}
+
 /// Why a declaration failed: fatal (fix the config) or a broker hiccup (retry).
 #[derive(Debug, thiserror::Error)]
 pub enum DeclareError {

@@ -29,7 +29,7 @@ async fn success_path_exact_results() {
     }
     assert_eq!(client.fib(30).await.unwrap().to_string(), "832040");
     assert_eq!(client.fib(100_000).await.unwrap().to_string().len(), 20899);
-    assert_eq!(daemon.requests("fib", "ok"), 14);
+    daemon.expect_requests("fib", "ok", 14).await;
     assert_eq!(client.pending_calls(), 0);
     daemon.stop().await.expect("clean stop");
     delete_queue(&queue).await;
@@ -65,7 +65,7 @@ async fn many_concurrent_calls_on_one_connection_all_correct() {
         "pending map must be empty after every call ended"
     );
     assert_eq!(client.late_replies(), 0);
-    assert_eq!(daemon.requests("fib", "ok"), 500);
+    daemon.expect_requests("fib", "ok", 500).await;
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }

@@ -196,7 +196,7 @@ async fn hostile_requests_each_get_exactly_one_right_reply() {
         "an extra reply arrived: {next:?}"
     );
     assert_eq!(next.body, b"13");
-    assert_eq!(daemon.requests("unknown", "unknown_method"), 1);
+    daemon.expect_requests("unknown", "unknown_method", 1).await;
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }
@@ -225,8 +225,10 @@ async fn handler_failures_become_error_replies_and_serving_continues() {
     );
     assert!(err.is_timeout() && err.is_retryable());
     assert_eq!(client.fib(20).await.unwrap().to_string(), "6765");
-    assert_eq!(daemon.requests("panic", "internal"), 3);
-    assert_eq!(daemon.requests("sleep", "deadline_exceeded"), 1);
+    daemon.expect_requests("panic", "internal", 3).await;
+    daemon
+        .expect_requests("sleep", "deadline_exceeded", 1)
+        .await;
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }
@@ -265,7 +267,7 @@ async fn abandoned_request_expires_in_the_queue_and_is_never_computed() {
     open_gate(&gate);
     assert_eq!(blocked.await.unwrap().unwrap(), b"unblocked");
     assert_eq!(client.fib(10).await.unwrap().to_string(), "55");
-    assert_eq!(daemon.requests("fib", "ok"), 1, "only the last fib ran");
+    daemon.expect_requests("fib", "ok", 1).await;
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }

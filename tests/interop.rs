@@ -57,7 +57,7 @@ async fn tutorial_client_gets_exact_answers_from_amqp_rpcd() {
         stdout.contains("fib(100) = 354224848179261915075"),
         "{stdout}"
     );
-    assert_eq!(daemon.requests("fib", "ok"), 2);
+    daemon.expect_requests("fib", "ok", 2).await;
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }
@@ -80,7 +80,7 @@ async fn tutorial_client_fails_loudly_on_an_error_reply_instead_of_hanging() {
         "{stderr}"
     );
     assert!(t0.elapsed() < Duration::from_secs(15));
-    assert_eq!(daemon.requests("fib", "invalid_argument"), 1);
+    daemon.expect_requests("fib", "invalid_argument", 1).await;
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -18,8 +19,11 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::http::{self, HttpState};
 use crate::service::Methods;
+use idempotency::Idempotency;
 
+mod idempotency;
 pub mod metrics;
+mod reply;
 pub mod request;
 mod session;
 
@@ -27,7 +31,7 @@ pub use metrics::Metrics;
 
 /// Pause before reconnecting after a lost session, so a broker that accepts connections and
 /// then drops them does not get hammered.
-const RELOOP_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+const RELOOP_PAUSE: Duration = Duration::from_millis(200);
 
 /// A started daemon, ready to [`run`](Daemon::run).
 #[derive(Debug)]
@@ -108,7 +112,12 @@ impl Daemon {
     async fn serve(&self, shutdown: &CancellationToken) -> Result<(), Error> {
         let name = format!("amqp-rpcd pid={}", std::process::id());
         let mut connector = Connector::new(&self.config.amqp, &name)?;
-        let cpu = Arc::new(Semaphore::new(self.config.service.effective_concurrency()));
+        let service = &self.config.service;
+        let cpu = Arc::new(Semaphore::new(service.effective_concurrency()));
+        let idempotency = Arc::new(Idempotency::new(
+            service.reply_cache_entries,
+            Duration::from_secs(service.reply_cache_ttl_secs),
+        ));
         tracing::info!(
             queue = %self.config.service.queue,
             methods = ?self.methods.names(),
@@ -131,6 +140,7 @@ impl Daemon {
                 metrics: &self.metrics,
                 ready: &self.ready,
                 cpu: cpu.clone(),
+                idempotency: idempotency.clone(),
             };
             match session::serve(&conn, parts, shutdown).await {
                 session::End::Shutdown(result) => return result,

@@ -11,24 +11,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::Channel;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
+use crate::protocol::{now_epoch_ms, ErrorCode, RequestError, RequestMeta};
+use crate::server::idempotency::{cacheable, Idempotency};
 use crate::server::metrics::Metrics;
+use crate::server::reply;
 use crate::service::{Methods, Work};
 
 /// An error reply is sent this long before the caller's deadline at the latest, so it still
 /// arrives while the caller waits (a reply after the deadline is only noise).
 pub const REPLY_MARGIN: Duration = Duration::from_millis(20);
-
-/// During a drain, a request not yet started is requeued for another worker only when it has at
-/// least this long left; with less, it would most likely expire in the queue, so it is answered
-/// `unavailable` at once and the caller can retry elsewhere now.
-pub const REQUEUE_MIN_REMAINING: Duration = Duration::from_secs(1);
 
 /// Label used for requests naming no registered method (keeps label cardinality bounded).
 const UNKNOWN_METHOD_LABEL: &str = "unknown";
@@ -50,9 +46,16 @@ pub struct RequestCtx {
     pub metrics: Metrics,
     /// Fires when the daemon starts draining: work not yet started is given back.
     pub draining: CancellationToken,
+    /// Reply cache and attempt counts; shared across reconnects.
+    pub idempotency: Arc<Idempotency>,
+    /// Attempts before a request is poison.
+    pub max_deliveries: u32,
+    /// Where poison requests are copied; empty = nowhere.
+    pub dead_letter_queue: String,
 }
 
 /// What evaluating a request led to.
+#[derive(Clone, Debug)]
 enum Outcome {
     /// Send this reply.
     Reply(Result<Vec<u8>, RequestError>),
@@ -87,7 +90,7 @@ pub async fn handle(ctx: Arc<RequestCtx>, delivery: Delivery) {
     .await
 }
 
-fn method_label<'a>(methods: &'a Methods, name: &str) -> &'a str {
+pub(super) fn method_label<'a>(methods: &'a Methods, name: &str) -> &'a str {
     methods.get(name).map_or(UNKNOWN_METHOD_LABEL, |m| m.name())
 }
 
@@ -95,69 +98,63 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
     if delivery.redelivered {
         ctx.metrics.redeliveries.inc();
     }
-    let Some(reply_to) = meta.reply_to.as_deref() else {
+    if meta.reply_to.is_none() {
         tracing::warn!("request without reply_to: nobody to answer, dropping");
         ctx.metrics
             .rejected
             .with_label_values(&["no_reply_to"])
             .inc();
-        ack(&delivery).await;
-        return;
-    };
-    let outcome = if meta.expired(now_epoch_ms()) {
-        Outcome::Expired
-    } else {
-        evaluate(ctx, meta, &delivery.data).await
-    };
-    let result = match outcome {
-        Outcome::Expired => {
-            tracing::debug!("deadline passed before work started, dropping");
-            ctx.metrics.expired.inc();
-            ack(&delivery).await;
-            return;
-        }
-        Outcome::GiveBack => {
-            give_back(ctx, meta, &delivery).await;
-            return;
-        }
-        Outcome::Reply(result) => result,
-    };
-    let outcome_label = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.code.as_str(),
-    };
-    let remaining = meta.remaining(now_epoch_ms());
-    if remaining == Some(Duration::ZERO) {
-        // Finished, but the caller has given up: a reply could only arrive late.
-        tracing::debug!(
-            outcome = outcome_label,
-            "finished after the deadline, not replying"
-        );
-        ctx.metrics.request(label, "deadline_exceeded").inc();
-        ack(&delivery).await;
+        reply::ack(&delivery).await;
         return;
     }
-    if let Err(e) = &result {
-        tracing::info!(code = %e.code, message = %e.message, "error reply");
+    if meta.expired(now_epoch_ms()) {
+        return expired(ctx, &delivery).await;
     }
-    match publish_reply(ctx, reply_to, meta, &result, remaining).await {
-        Ok(()) => {
-            ctx.metrics.request(label, outcome_label).inc();
-            ack(&delivery).await;
+    let (outcome, replay) = match Idempotency::key(meta) {
+        None => (evaluate(ctx, meta, &delivery.data).await, false),
+        Some(key) => {
+            if let Some(cached) = ctx.idempotency.cached(&key).await {
+                (Outcome::Reply((*cached).clone()), true)
+            } else {
+                let attempt = ctx.idempotency.attempt(&key, meta, delivery.redelivered);
+                if attempt > ctx.max_deliveries {
+                    return reply::give_up(ctx, meta, &delivery, attempt, label).await;
+                }
+                once(ctx, meta, &delivery.data, key).await
+            }
         }
-        Err(PublishFailure::Nacked) => {
-            ctx.metrics.reply_publish_failures.inc();
-            tracing::warn!("broker refused the reply; requeueing the request");
-            let _ = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await;
+    };
+    match outcome {
+        Outcome::Expired => expired(ctx, &delivery).await,
+        Outcome::GiveBack => reply::give_back(ctx, meta, &delivery).await,
+        Outcome::Reply(result) => {
+            if replay {
+                ctx.metrics.replays.inc();
+                tracing::debug!("answered from the reply cache");
+            }
+            reply::answer(ctx, meta, &delivery, label, &result).await
         }
-        Err(PublishFailure::Channel(e)) => {
-            // Not acked: the channel is gone, so the broker will redeliver the request.
-            ctx.metrics.reply_publish_failures.inc();
-            tracing::warn!(error = %e, "could not publish the reply; leaving the request unacked");
+    }
+}
+
+async fn expired(ctx: &RequestCtx, delivery: &Delivery) {
+    tracing::debug!("deadline passed before work started, dropping");
+    ctx.metrics.expired.inc();
+    reply::ack(delivery).await;
+}
+
+/// Evaluate under single-flight: a duplicate arriving meanwhile joins this computation. Returns
+/// the outcome and whether it was someone else's computation (a replay).
+async fn once(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8], key: String) -> (Outcome, bool) {
+    let compute = async {
+        match evaluate(ctx, meta, body).await {
+            Outcome::Reply(r) if cacheable(&r) => Ok(Arc::new(r)),
+            other => Err(other),
         }
+    };
+    match ctx.idempotency.single_flight(key, compute).await {
+        Ok((reply, fresh)) => (Outcome::Reply((*reply).clone()), !fresh),
+        Err(shared) => ((*shared).clone(), false),
     }
 }
 
@@ -260,79 +257,6 @@ async fn until<F: std::future::Future>(
 fn panicked() -> RequestError {
     tracing::error!("handler panicked");
     RequestError::new(ErrorCode::Internal, "the handler failed unexpectedly")
-}
-
-enum PublishFailure {
-    Nacked,
-    Channel(lapin::Error),
-}
-
-async fn publish_reply(
-    ctx: &RequestCtx,
-    reply_to: &str,
-    meta: &RequestMeta,
-    result: &Result<Vec<u8>, RequestError>,
-    remaining: Option<Duration>,
-) -> Result<(), PublishFailure> {
-    let (body, code) = match result {
-        Ok(body) => (body.as_slice(), None),
-        Err(e) => (e.message.as_bytes(), Some(e.code)),
-    };
-    let props = reply_properties(meta.correlation_id.as_deref(), code, remaining);
-    let confirm = ctx
-        .reply_channel
-        .basic_publish(
-            "".into(),
-            reply_to.into(),
-            BasicPublishOptions::default(),
-            body,
-            props,
-        )
-        .await
-        .map_err(PublishFailure::Channel)?;
-    if ctx.confirm_replies {
-        let confirmation = confirm.await.map_err(PublishFailure::Channel)?;
-        if confirmation.is_nack() {
-            return Err(PublishFailure::Nacked);
-        }
-    }
-    Ok(())
-}
-
-/// Return a request that was not started because the daemon is draining: requeue it for
-/// another worker, or answer `unavailable` when too little time is left for that to help.
-pub async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) {
-    let remaining = meta.remaining(now_epoch_ms());
-    let requeue = remaining.is_none_or(|left| left >= REQUEUE_MIN_REMAINING);
-    if let (false, Some(reply_to)) = (requeue, meta.reply_to.as_deref()) {
-        let error = Err(RequestError::new(
-            ErrorCode::Unavailable,
-            "this server is shutting down; retry",
-        ));
-        if publish_reply(ctx, reply_to, meta, &error, remaining)
-            .await
-            .is_ok()
-        {
-            let label = method_label(&ctx.methods, &meta.method);
-            ctx.metrics
-                .request(label, ErrorCode::Unavailable.as_str())
-                .inc();
-            ack(delivery).await;
-            return;
-        }
-    }
-    let _ = delivery
-        .acker
-        .reject(BasicRejectOptions { requeue: true })
-        .await;
-}
-
-async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-        // The channel died under us; the broker redelivers, and the reply (if any) is a
-        // harmless duplicate the caller drops.
-        tracing::debug!(error = %e, "ack failed");
-    }
 }
 
 fn truncate(s: &str, max: usize) -> &str {

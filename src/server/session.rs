@@ -15,11 +15,13 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::amqp::{declare_service_queue, DeclareError};
+use crate::amqp::{declare_dead_letter_queue, declare_service_queue, DeclareError};
 use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::RequestMeta;
+use crate::server::idempotency::Idempotency;
 use crate::server::metrics::Metrics;
+use crate::server::reply;
 use crate::server::request::{self, RequestCtx};
 use crate::service::Methods;
 
@@ -33,6 +35,7 @@ pub(super) struct Parts<'a> {
     pub metrics: &'a Metrics,
     pub ready: &'a watch::Sender<bool>,
     pub cpu: Arc<Semaphore>,
+    pub idempotency: Arc<Idempotency>,
 }
 
 /// How a session ended.
@@ -54,6 +57,9 @@ pub(super) async fn serve(
     let setup = async {
         let consume = conn.create_channel().await?;
         declare_service_queue(&consume, service).await?;
+        if !service.dead_letter_queue.is_empty() {
+            declare_dead_letter_queue(&consume, &service.dead_letter_queue).await?;
+        }
         consume
             .basic_qos(service.prefetch, BasicQosOptions::default())
             .await?;
@@ -94,6 +100,9 @@ pub(super) async fn serve(
         confirm_replies: service.confirm_replies,
         metrics: parts.metrics.clone(),
         draining: shutdown.clone(),
+        idempotency: parts.idempotency.clone(),
+        max_deliveries: service.max_deliveries,
+        dead_letter_queue: service.dead_letter_queue.clone(),
     });
     parts.ready.send_replace(true);
     parts.metrics.connection_up.set(1);
@@ -133,7 +142,7 @@ pub(super) async fn serve(
         let mut returned = 0u32;
         while let Some(Ok(delivery)) = consumer.next().await {
             let meta = RequestMeta::from_properties(&delivery.properties);
-            request::give_back(&ctx, &meta, &delivery).await;
+            reply::give_back(&ctx, &meta, &delivery).await;
             returned += 1;
         }
         returned

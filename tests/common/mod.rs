@@ -139,6 +139,18 @@ impl TestDaemon {
         self.metrics.request(method, outcome).get()
     }
 
+    /// Wait until `amqp_rpc_requests_total{method,outcome}` reaches `n` (the daemon counts a
+    /// request after its reply is confirmed, so the caller may see the reply first), then
+    /// check it is exactly `n`.
+    pub async fn expect_requests(&self, method: &str, outcome: &str, n: u64) {
+        let what = format!("{method}/{outcome} reaches {n}");
+        wait_until(Duration::from_secs(10), &what, || {
+            self.requests(method, outcome) >= n
+        })
+        .await;
+        assert_eq!(self.requests(method, outcome), n, "{method}/{outcome}");
+    }
+
     /// Sum of `amqp_rpc_requests_total` over every method and outcome.
     pub fn requests_sum(&self) -> u64 {
         self.metrics

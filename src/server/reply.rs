@@ -1,0 +1,183 @@
+//! The answering side of a delivery: publishing the reply (confirmed when configured) and then
+//! acking, giving work back during a drain, and giving up on poison requests.
+//!
+//! The order is the contract's at-least-once rule: a request is acked only after its reply was
+//! handed to the broker; when that fails the request stays unacked and is redelivered.
+
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
+use lapin::types::AMQPValue;
+
+use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
+use crate::server::request::{method_label, RequestCtx};
+
+/// During a drain, a request not yet started is requeued for another worker only when it has at
+/// least this long left; with less, it would most likely expire in the queue, so it is answered
+/// `unavailable` at once and the caller can retry elsewhere now.
+pub const REQUEUE_MIN_REMAINING: Duration = Duration::from_secs(1);
+
+/// Publish `result` to the caller and ack, or leave the request for redelivery when the reply
+/// cannot be handed over.
+pub(super) async fn answer(
+    ctx: &RequestCtx,
+    meta: &RequestMeta,
+    delivery: &Delivery,
+    label: &str,
+    result: &Result<Vec<u8>, RequestError>,
+) {
+    let Some(reply_to) = meta.reply_to.as_deref() else {
+        return; // checked by the caller; nothing to answer
+    };
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(e) => e.code.as_str(),
+    };
+    let remaining = meta.remaining(now_epoch_ms());
+    if remaining == Some(Duration::ZERO) {
+        // Finished, but the caller has given up: a reply could only arrive late.
+        tracing::debug!(outcome, "finished after the deadline, not replying");
+        ctx.metrics.request(label, "deadline_exceeded").inc();
+        ack(delivery).await;
+        return;
+    }
+    if let Err(e) = result {
+        tracing::info!(code = %e.code, message = %e.message, "error reply");
+    }
+    match publish_reply(ctx, reply_to, meta, result, remaining).await {
+        Ok(()) => {
+            ctx.metrics.request(label, outcome).inc();
+            ack(delivery).await;
+        }
+        Err(PublishFailure::Nacked) => {
+            ctx.metrics.reply_publish_failures.inc();
+            tracing::warn!("broker refused the reply; requeueing the request");
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await;
+        }
+        Err(PublishFailure::Channel(e)) => {
+            // Not acked: the channel is gone, so the broker will redeliver the request.
+            ctx.metrics.reply_publish_failures.inc();
+            tracing::warn!(error = %e, "could not publish the reply; leaving the request unacked");
+        }
+    }
+}
+
+/// A request seen more than `max_deliveries` times: answer `internal` without running it, copy
+/// it to the dead-letter queue when one is configured, and ack so it never loops.
+pub(super) async fn give_up(
+    ctx: &RequestCtx,
+    meta: &RequestMeta,
+    delivery: &Delivery,
+    attempt: u32,
+    label: &str,
+) {
+    tracing::error!(attempt, "poison request: giving up");
+    ctx.metrics.poison.inc();
+    if !ctx.dead_letter_queue.is_empty() {
+        let mut props = delivery.properties.clone();
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-poison-attempts".into(),
+            AMQPValue::LongLongInt(attempt.into()),
+        );
+        props = props.with_headers(headers);
+        let copied = ctx
+            .reply_channel
+            .basic_publish(
+                "".into(),
+                ctx.dead_letter_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                props,
+            )
+            .await;
+        if let Err(e) = copied {
+            tracing::warn!(error = %e, "could not copy the poison request to the dead-letter queue");
+        }
+    }
+    let error = Err(RequestError::new(
+        ErrorCode::Internal,
+        format!(
+            "request given up after {attempt} delivery attempts (max_deliveries = {})",
+            ctx.max_deliveries
+        ),
+    ));
+    answer(ctx, meta, delivery, label, &error).await;
+}
+
+enum PublishFailure {
+    Nacked,
+    Channel(lapin::Error),
+}
+
+async fn publish_reply(
+    ctx: &RequestCtx,
+    reply_to: &str,
+    meta: &RequestMeta,
+    result: &Result<Vec<u8>, RequestError>,
+    remaining: Option<Duration>,
+) -> Result<(), PublishFailure> {
+    let (body, code) = match result {
+        Ok(body) => (body.as_slice(), None),
+        Err(e) => (e.message.as_bytes(), Some(e.code)),
+    };
+    let props = reply_properties(meta.correlation_id.as_deref(), code, remaining);
+    let confirm = ctx
+        .reply_channel
+        .basic_publish(
+            "".into(),
+            reply_to.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .map_err(PublishFailure::Channel)?;
+    if ctx.confirm_replies {
+        let confirmation = confirm.await.map_err(PublishFailure::Channel)?;
+        if confirmation.is_nack() {
+            return Err(PublishFailure::Nacked);
+        }
+    }
+    Ok(())
+}
+
+/// Return a request that was not started because the daemon is draining: requeue it for
+/// another worker, or answer `unavailable` when too little time is left for that to help.
+pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) {
+    let remaining = meta.remaining(now_epoch_ms());
+    let requeue = remaining.is_none_or(|left| left >= REQUEUE_MIN_REMAINING);
+    if let (false, Some(reply_to)) = (requeue, meta.reply_to.as_deref()) {
+        let error = Err(RequestError::new(
+            ErrorCode::Unavailable,
+            "this server is shutting down; retry",
+        ));
+        if publish_reply(ctx, reply_to, meta, &error, remaining)
+            .await
+            .is_ok()
+        {
+            let label = method_label(&ctx.methods, &meta.method);
+            ctx.metrics
+                .request(label, ErrorCode::Unavailable.as_str())
+                .inc();
+            ack(delivery).await;
+            return;
+        }
+    }
+    let _ = delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: true })
+        .await;
+}
+
+pub(super) async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        // The channel died under us; the broker redelivers, and the reply (if any) is a
+        // harmless duplicate the caller drops.
+        tracing::debug!(error = %e, "ack failed");
+    }
+}
