@@ -1,9 +1,11 @@
 //! `/metrics`, `/healthz` and `/readyz` over axum.
 //!
 //! The listener is bound before the daemon connects to the broker, so a bad `http.listen` fails
-//! at start-up and probes answer (503) while the broker is still unreachable.
+//! at start-up and probes answer (503) while the broker is still unreachable. `/healthz`
+//! follows [`Liveness`]: a broker outage keeps it green, a wedged consume loop turns it red.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -16,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::liveness::Liveness;
 
 /// What the handlers read.
 #[derive(Clone, Debug)]
@@ -24,7 +27,12 @@ pub struct HttpState {
     pub registry: Registry,
     /// True while connected, consuming and not draining.
     pub ready: watch::Receiver<bool>,
+    /// Whether the work loop is alive, for `/healthz`.
+    pub liveness: Liveness,
 }
+
+/// `/healthz` fails when the consume loop has been silent this long (it beats every second).
+const HEALTH_MAX_SILENCE: Duration = Duration::from_secs(10);
 
 /// Bind the listener (`127.0.0.1:0` picks a free port; tests read it back).
 pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), Error> {
@@ -49,7 +57,7 @@ pub fn serve(
 ) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
     tokio::spawn(async move {
@@ -76,6 +84,14 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
             [(header::CONTENT_TYPE, "text/plain".to_owned())],
             e.to_string().into_bytes(),
         ),
+    }
+}
+
+async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.liveness.is_alive(HEALTH_MAX_SILENCE) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "consume loop stalled\n")
     }
 }
 

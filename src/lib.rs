@@ -16,6 +16,8 @@
 //! - [`secret`]: password redaction for logs and messages.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
+//! - [`systemd`]: READY/STOPPING notifications and watchdog pings.
+//! - [`liveness`]: whether the consume loop is alive (watchdog, `/healthz`).
 //! - [`telemetry`]: tracing set-up with secret redaction.
 //! - [`error`]: the daemon's fatal errors.
 
@@ -25,11 +27,13 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod liveness;
 pub mod protocol;
 pub mod secret;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod systemd;
 pub mod telemetry;
 
 pub use client::{CallError, Client, ClientBuilder};

@@ -3,14 +3,15 @@
 
 mod common;
 
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
+use common::child::*;
 use common::*;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
 
 async fn cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_amqp-rpc"))
@@ -112,53 +113,6 @@ async fn call_exit_codes() {
     delete_queue(&missing).await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A minimal HTTP/1.0 GET: (status, body).
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        status,
-        buf.split("\r\n\r\n").nth(1).unwrap_or("").to_owned(),
-    ))
-}
-
-async fn spawn_daemon(queue: &str, port: u16, extra_env: &[(&str, &str)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_amqp-rpcd"))
-        .env("AMQP_RPC__AMQP__URL", amqp_url())
-        .env("AMQP_RPC__SERVICE__QUEUE", queue)
-        .env("AMQP_RPC__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .envs(extra_env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("amqp-rpcd runs")
-}
-
-fn signal(child: &Child, sig: &str) {
-    let pid = child.id().expect("running").to_string();
-    assert!(std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .unwrap()
-        .success());
-}
-
 #[tokio::test]
 async fn stalled_daemon_call_times_out_and_the_request_is_never_computed() {
     let queue = unique_queue("sigstop");
@@ -242,10 +196,11 @@ async fn password_never_reaches_the_log_even_at_trace_level() {
     let queue = unique_queue("secret");
     let port = free_port();
     let url = amqp_url().replacen("guest:guest@", "guest:Wr0ng-Passw0rd@", 1);
-    let mut daemon = spawn_daemon(
+    let mut daemon = spawn_daemon_with(
         &queue,
         port,
         &[("AMQP_RPC__AMQP__URL", &url), ("RUST_LOG", "trace")],
+        std::process::Stdio::piped(),
     )
     .await;
     let mut stderr = daemon.stderr.take().unwrap();

@@ -18,7 +18,9 @@ use crate::amqp::{jittered, Connector};
 use crate::config::Config;
 use crate::error::Error;
 use crate::http::{self, HttpState};
+use crate::liveness::Liveness;
 use crate::service::Methods;
+use crate::systemd;
 use idempotency::Idempotency;
 
 mod idempotency;
@@ -41,6 +43,7 @@ pub struct Daemon {
     metrics: Metrics,
     methods: Methods,
     ready: watch::Sender<bool>,
+    liveness: Liveness,
     http: Option<(TcpListener, SocketAddr)>,
 }
 
@@ -60,6 +63,7 @@ impl Daemon {
             metrics,
             methods,
             ready: watch::Sender::new(false),
+            liveness: Liveness::default(),
             http,
         })
     }
@@ -93,10 +97,24 @@ impl Daemon {
             let state = HttpState {
                 registry: self.registry.clone(),
                 ready: self.ready.subscribe(),
+                liveness: self.liveness.clone(),
             };
             http::serve(listener, state, http_stop.clone())
         });
+        systemd::spawn_watchdog(self.liveness.clone(), http_stop.clone());
+        let announce_stop = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                systemd::stopping();
+            }
+        });
         let result = self.serve(&shutdown).await;
+        if shutdown.is_cancelled() {
+            let _ = announce_stop.await;
+        } else {
+            announce_stop.abort();
+        }
         self.ready.send_replace(false);
         http_stop.cancel();
         if let Some(task) = http_task {
@@ -141,6 +159,7 @@ impl Daemon {
                 ready: &self.ready,
                 cpu: cpu.clone(),
                 idempotency: idempotency.clone(),
+                liveness: &self.liveness,
             };
             match session::serve(&conn, parts, shutdown).await {
                 session::End::Shutdown(result) => return result,

@@ -18,12 +18,14 @@ use tokio_util::task::TaskTracker;
 use crate::amqp::{declare_dead_letter_queue, declare_service_queue, DeclareError};
 use crate::config::Config;
 use crate::error::Error;
+use crate::liveness::{Liveness, BEAT_EVERY};
 use crate::protocol::RequestMeta;
 use crate::server::idempotency::Idempotency;
 use crate::server::metrics::Metrics;
 use crate::server::reply;
 use crate::server::request::{self, RequestCtx};
 use crate::service::Methods;
+use crate::systemd;
 
 /// Bound on closing a connection that may already be dead.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,6 +38,7 @@ pub(super) struct Parts<'a> {
     pub ready: &'a watch::Sender<bool>,
     pub cpu: Arc<Semaphore>,
     pub idempotency: Arc<Idempotency>,
+    pub liveness: &'a Liveness,
 }
 
 /// How a session ended.
@@ -106,13 +109,17 @@ pub(super) async fn serve(
     });
     parts.ready.send_replace(true);
     parts.metrics.connection_up.set(1);
+    parts.liveness.set_consuming(true);
+    systemd::ready();
     tracing::info!(queue = %service.queue, "consuming");
 
     let tracker = TaskTracker::new();
+    let mut beat = tokio::time::interval(BEAT_EVERY);
     let lost = loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break None,
+            _ = beat.tick() => parts.liveness.beat(),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     tracker.spawn(request::handle(ctx.clone(), delivery));
@@ -124,6 +131,7 @@ pub(super) async fn serve(
     };
     parts.ready.send_replace(false);
     parts.metrics.connection_up.set(0);
+    parts.liveness.set_consuming(false);
     tracker.close();
     if let Some(reason) = lost {
         // In-flight tasks may still finish; their acks go to a dead channel and fail, and the
