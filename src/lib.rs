@@ -36,7 +36,7 @@ pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;
 
-pub use client::{CallError, Client, ClientBuilder};
+pub use client::{CallError, CallOptions, Client, ClientBuilder};
 pub use config::Config;
 pub use error::Error;
 pub use protocol::ErrorCode;

@@ -171,3 +171,44 @@ async fn dropping_a_call_removes_its_pending_entry() {
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }
+
+#[tokio::test]
+async fn idempotent_call_survives_a_cut_and_runs_once() {
+    let queue = unique_queue("retry");
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let methods = Methods::default().with(Counted(runs.clone()));
+    let daemon = TestDaemon::start_with(test_config(&queue), Some(methods)).await;
+    let proxy = Proxy::start(free_addr(), broker_addr(&amqp_url())).await;
+    let client = amqp_rpc::Client::builder(proxy.url(&amqp_url()))
+        .queue(queue.as_str())
+        .connect()
+        .await
+        .unwrap();
+    let options = amqp_rpc::CallOptions {
+        timeout: Duration::from_secs(10),
+        idempotent: true,
+    };
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.call_with("counted", b"once", options).await }
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the call is being computed",
+        || daemon.metrics.in_flight.get() == 1,
+    )
+    .await;
+    proxy.cut_all();
+    // The retry carries the same message_id: the daemon joins the running computation.
+    assert_eq!(call.await.unwrap().unwrap(), b"once");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(client.reconnects(), 1);
+    wait_until(
+        Duration::from_secs(10),
+        "the retry counted as a replay",
+        || daemon.metrics.replays.get() == 1,
+    )
+    .await;
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}

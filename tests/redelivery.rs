@@ -9,28 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amqp_rpc::config::QueueType;
-use amqp_rpc::protocol::RequestError;
-use amqp_rpc::service::{Method, Methods, Work};
+use amqp_rpc::service::Methods;
 use amqp_rpc::ErrorCode;
 use common::proxy::{broker_addr, Proxy};
 use common::*;
-
-/// Test method: counts its runs, takes 300 ms, answers the run number's body.
-struct Counted(Arc<AtomicUsize>);
-
-impl Method for Counted {
-    fn name(&self) -> &str {
-        "counted"
-    }
-    fn prepare(&self, body: &[u8]) -> Result<Work, RequestError> {
-        let (runs, body) = (self.0.clone(), body.to_vec());
-        Ok(Work::Heavy(Box::new(move || {
-            runs.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(300));
-            Ok(body)
-        })))
-    }
-}
 
 #[tokio::test]
 async fn duplicates_are_computed_once_and_answered_each_time() {

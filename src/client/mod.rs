@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::Connector;
+use crate::amqp::{jittered, Connector};
 use crate::config::AmqpConfig;
 use crate::protocol::{expiration_ms, now_epoch_ms, ErrorCode, DEADLINE_HEADER, DIRECT_REPLY_TO};
 
@@ -37,6 +37,21 @@ use session::{Session, Shared};
 
 /// Default per-call timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an idempotent call keeps retrying `NoServer`.
+pub const NO_SERVER_RETRY_WINDOW: Duration = Duration::from_secs(1);
+const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(25);
+const RETRY_MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Options of one call.
+#[derive(Clone, Copy, Debug)]
+pub struct CallOptions {
+    /// Give up after this long; the deadline travels with the request.
+    pub timeout: Duration,
+    /// The method is idempotent: retry on connection loss and unavailability within the
+    /// deadline.
+    pub idempotent: bool,
+}
 
 /// Configures a [`Client`].
 #[derive(Clone, Debug)]
@@ -140,81 +155,137 @@ impl Client {
     }
 
     /// Call `method`, giving up after `timeout`. The request carries the deadline
-    /// (`x-deadline-ms`) and expires in the queue when nobody takes it in time.
+    /// (`x-deadline-ms`) and expires in the queue when nobody takes it in time. No retry.
     pub async fn call_timeout(
         &self,
         method: &str,
         body: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        let deadline = Instant::now() + timeout;
-        let deadline_ms = now_epoch_ms() + timeout.as_millis() as u64;
-        let inner = &self.inner;
+        let options = CallOptions {
+            timeout,
+            idempotent: false,
+        };
+        self.call_with(method, body, options).await
+    }
+
+    /// Call an idempotent method with the default timeout, retrying within the deadline.
+    pub async fn call_idempotent(&self, method: &str, body: &[u8]) -> Result<Vec<u8>, CallError> {
+        let options = CallOptions {
+            timeout: self.inner.timeout,
+            idempotent: true,
+        };
+        self.call_with(method, body, options).await
+    }
+
+    /// Call with explicit options. With `idempotent`, a call that failed on `ConnectionLost`,
+    /// `Unavailable` or a remote `unavailable` is sent again (same `message_id`, so a server
+    /// that already ran it replays its cached reply) until it succeeds or the deadline comes;
+    /// `NoServer` is retried only during its first [`NO_SERVER_RETRY_WINDOW`], long enough to
+    /// ride out a consumer's reconnect, short enough that "nobody serves this" stays fast.
+    pub async fn call_with(
+        &self,
+        method: &str,
+        body: &[u8],
+        options: CallOptions,
+    ) -> Result<Vec<u8>, CallError> {
         if method.is_empty() || method.len() > 255 {
             return Err(CallError::Remote {
                 code: ErrorCode::InvalidArgument,
                 message: "method names are 1 to 255 bytes".into(),
             });
         }
-        let attempt = async {
-            let session = self.session(deadline).await?;
-            session.check_server(&inner.queue).await?;
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            let (_guard, reply) = inner.shared.register(id.clone());
-            let mut headers = FieldTable::default();
-            headers.insert(
-                DEADLINE_HEADER.into(),
-                AMQPValue::LongLongInt(deadline_ms as i64),
-            );
-            let props = BasicProperties::default()
-                .with_reply_to(DIRECT_REPLY_TO.into())
-                .with_correlation_id(id.as_str().into())
-                .with_message_id(id.as_str().into())
-                .with_type(method.into())
-                .with_content_type("text/plain".into())
-                .with_expiration(expiration_ms(deadline - Instant::now()).into())
-                .with_headers(headers);
-            let confirm = session
-                .channel
-                .basic_publish(
-                    "".into(),
-                    inner.queue.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body,
-                    props,
-                )
+        let started = Instant::now();
+        let deadline = started + options.timeout;
+        let deadline_ms = now_epoch_ms() + options.timeout.as_millis() as u64;
+        let message_id = uuid::Uuid::new_v4().simple().to_string();
+        let mut backoff = RETRY_INITIAL_BACKOFF;
+        loop {
+            let attempt = self.attempt(method, body, deadline, deadline_ms, &message_id);
+            let result = tokio::time::timeout_at(deadline, attempt)
                 .await
-                .map_err(|_| CallError::ConnectionLost)?;
-            match confirm.await.map_err(|_| CallError::ConnectionLost)? {
-                Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                    return Err(CallError::NoServer {
-                        queue: inner.queue.clone(),
-                        reason: format!("request returned: {}", returned.reply_text),
-                    });
-                }
-                Confirmation::Nack(None) => {
-                    return Err(CallError::Unavailable(
-                        "the broker refused the request".into(),
-                    ));
-                }
-                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                .unwrap_or(Err(CallError::Timeout(options.timeout)));
+            let retry = match &result {
+                Err(CallError::NoServer { .. }) => started.elapsed() < NO_SERVER_RETRY_WINDOW,
+                Err(e) => e.is_connection_lost() || e.is_unavailable(),
+                Ok(_) => false,
+            };
+            let pause = jittered(backoff);
+            if !options.idempotent || !retry || Instant::now() + pause >= deadline {
+                return result;
             }
-            // The sender is dropped only when the router fails all pending calls, which it
-            // does with an explicit ConnectionLost first; a bare drop means the same.
-            reply.await.unwrap_or(Err(CallError::ConnectionLost))
-        };
-        match tokio::time::timeout_at(deadline, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(CallError::Timeout(timeout)),
+            tracing::debug!(error = ?result.as_ref().err(), ?pause, "retrying an idempotent call");
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
         }
     }
 
-    /// The typed helper for the demo method: fib(n), exact.
+    /// One request/reply exchange, bounded by the caller's deadline.
+    async fn attempt(
+        &self,
+        method: &str,
+        body: &[u8],
+        deadline: Instant,
+        deadline_ms: u64,
+        message_id: &str,
+    ) -> Result<Vec<u8>, CallError> {
+        let inner = &self.inner;
+        let session = self.session(deadline).await?;
+        session.check_server(&inner.queue).await?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let (_guard, reply) = inner.shared.register(id.clone());
+        let mut headers = FieldTable::default();
+        headers.insert(
+            DEADLINE_HEADER.into(),
+            AMQPValue::LongLongInt(deadline_ms as i64),
+        );
+        let props = BasicProperties::default()
+            .with_reply_to(DIRECT_REPLY_TO.into())
+            .with_correlation_id(id.as_str().into())
+            .with_message_id(message_id.into())
+            .with_type(method.into())
+            .with_content_type("text/plain".into())
+            .with_expiration(expiration_ms(deadline - Instant::now()).into())
+            .with_headers(headers);
+        let confirm = session
+            .channel
+            .basic_publish(
+                "".into(),
+                inner.queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .map_err(|_| CallError::ConnectionLost)?;
+        match confirm.await.map_err(|_| CallError::ConnectionLost)? {
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                return Err(CallError::NoServer {
+                    queue: inner.queue.clone(),
+                    reason: format!("request returned: {}", returned.reply_text),
+                });
+            }
+            Confirmation::Nack(None) => {
+                return Err(CallError::Unavailable(
+                    "the broker refused the request".into(),
+                ));
+            }
+            Confirmation::Ack(None) | Confirmation::NotRequested => {}
+        }
+        // The sender is dropped only when the router fails all pending calls, which it does
+        // with an explicit ConnectionLost first; a bare drop means the same.
+        reply.await.unwrap_or(Err(CallError::ConnectionLost))
+    }
+
+    /// The typed helper for the demo method: fib(n), exact. `fib` is idempotent, so this
+    /// retries within the deadline (see [`call_with`](Self::call_with)).
     pub async fn fib(&self, n: u64) -> Result<BigUint, CallError> {
-        let body = self.call("fib", n.to_string().as_bytes()).await?;
+        let body = self
+            .call_idempotent("fib", n.to_string().as_bytes())
+            .await?;
         std::str::from_utf8(&body)
             .ok()
             .and_then(|s| s.parse().ok())

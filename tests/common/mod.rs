@@ -301,6 +301,23 @@ impl RawRequester {
     }
 }
 
+/// Test method: counts its runs, takes 300 ms, answers the run number's body.
+pub struct Counted(pub std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Method for Counted {
+    fn name(&self) -> &str {
+        "counted"
+    }
+    fn prepare(&self, body: &[u8]) -> Result<Work, amqp_rpc::protocol::RequestError> {
+        let (runs, body) = (self.0.clone(), body.to_vec());
+        Ok(Work::Heavy(Box::new(move || {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(body)
+        })))
+    }
+}
+
 /// Test method: sleeps on the blocking pool for the number of milliseconds in the body.
 pub struct Sleep;
 
