@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::client::Client;
+use crate::client::{CallOptions, Client};
 
 /// How long the load runs.
 #[derive(Clone, Copy, Debug)]
@@ -39,8 +39,8 @@ pub struct BenchSpec {
     pub method: String,
     /// Request body.
     pub arg: String,
-    /// Per-call timeout.
-    pub timeout: Duration,
+    /// Per-call timeout and retry.
+    pub options: CallOptions,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
 }
@@ -112,10 +112,10 @@ async fn measure(client: Client, spec: &BenchSpec) -> BenchReport {
         let client = client.clone();
         let issued = issued.clone();
         let bar = bar.clone();
-        let (method, body, timeout) = (
+        let (method, body, options) = (
             spec.method.clone(),
             spec.arg.clone().into_bytes(),
-            spec.timeout,
+            spec.options,
         );
         tasks.push(tokio::spawn(async move {
             let mut w = Worker {
@@ -128,7 +128,7 @@ async fn measure(client: Client, spec: &BenchSpec) -> BenchReport {
                 && issued.fetch_add(1, Ordering::Relaxed) < limit
             {
                 let t0 = Instant::now();
-                let result = client.call_timeout(&method, &body, timeout).await;
+                let result = client.call_with(&method, &body, options).await;
                 let us = t0.elapsed().as_micros().max(1) as u64;
                 w.hist.saturating_record(us);
                 match result {

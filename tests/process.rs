@@ -18,7 +18,10 @@ fn load(queue: &str, duration: Duration) -> tokio::task::JoinHandle<BenchReport>
         warmup: Duration::ZERO,
         method: "fib".into(),
         arg: "10".into(),
-        timeout: Duration::from_secs(5),
+        options: amqp_rpc::CallOptions {
+            timeout: Duration::from_secs(5),
+            idempotent: false,
+        },
         progress: false,
     };
     let queue = queue.to_owned();

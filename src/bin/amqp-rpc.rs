@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use amqp_rpc::bench::{self, Amount, BenchSpec};
 use amqp_rpc::config::{self, LogConfig};
-use amqp_rpc::{telemetry, CallError, Client};
+use amqp_rpc::{telemetry, CallError, CallOptions, Client};
 use clap::{Args, Parser, Subcommand};
 
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -38,7 +38,24 @@ struct Target {
     /// Per-call timeout, e.g. 700ms, 5s.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Never resend a call. By default `fib` (idempotent) is retried on connection loss and
+    /// unavailability within the timeout; other methods never are.
+    #[arg(long)]
+    no_retry: bool,
 }
+
+impl Target {
+    /// Options for calls of `method`: only known-idempotent methods are retried.
+    fn options(&self, method: &str) -> CallOptions {
+        CallOptions {
+            timeout: self.timeout,
+            idempotent: !self.no_retry && IDEMPOTENT_METHODS.contains(&method),
+        }
+    }
+}
+
+/// Methods safe to send twice.
+const IDEMPOTENT_METHODS: &[&str] = &["fib"];
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -119,13 +136,14 @@ fn main() -> ExitCode {
                 target,
             } => {
                 let amount = requests.map_or(Amount::Duration(duration), Amount::Requests);
+                let options = target.options(&method);
                 let spec = BenchSpec {
                     concurrency,
                     amount,
                     warmup,
                     method,
                     arg,
-                    timeout: target.timeout,
+                    options,
                     progress: true,
                 };
                 run_bench(spec, json, target).await
@@ -145,7 +163,11 @@ fn client(target: &Target) -> Result<Client, CallError> {
 
 async fn call(method: String, arg: String, target: Target) -> u8 {
     let result = match client(&target) {
-        Ok(client) => client.call(&method, arg.as_bytes()).await,
+        Ok(client) => {
+            client
+                .call_with(&method, arg.as_bytes(), target.options(&method))
+                .await
+        }
         Err(e) => Err(e),
     };
     match result {
