@@ -2,6 +2,7 @@
 //! raw lapin peers for hand-crafted requests, and condition waits (never fixed sleeps).
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod broker;
 pub mod child;
 pub mod proxy;
 

@@ -1,0 +1,255 @@
+//! A private RabbitMQ node per test, for the faults the shared broker must never suffer:
+//! `stop_app`/`start_app`, SIGKILL of the node's VM, and a restart on the same ports and data.
+//!
+//! The node gets its own name, AMQP and distribution ports on 127.0.0.1, and a temp dir holding
+//! its config, data and logs, so nothing is read from `/etc/rabbitmq` (whose config binds 5672,
+//! the shared node's port) and nothing is written where the shared node keeps its state. It
+//! reuses the shared Erlang cookie (read-only), so `rabbitmqctl` reaches it as it is.
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::{Connection, ConnectionProperties};
+
+use super::child::free_port;
+
+/// The real server script, not `/usr/sbin/rabbitmq-server`: that wrapper runs it through
+/// `su` (so the VM would not be our child) after `cd`-ing into the shared node's home.
+const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+/// As root this wrapper drops to the `rabbitmq` user, whose home holds the cookie.
+const CTL: &str = "/usr/sbin/rabbitmqctl";
+/// The `rabbitmq` user's home: its owner is the user the node runs as, and its
+/// `.erlang.cookie` is the one `rabbitmqctl` uses.
+const RABBITMQ_HOME: &str = "/var/lib/rabbitmq";
+/// A cold boot takes 5-15 s; allow for a loaded machine.
+const BOOT_LIMIT: Duration = Duration::from_secs(60);
+
+/// A RabbitMQ node of our own; dropped, its VM is killed and its temp dir removed.
+pub struct PrivateBroker {
+    node: String,
+    port: u16,
+    dist_port: u16,
+    dir: PathBuf,
+    /// The node's VM itself: with `RABBITMQ_ALLOW_INPUT` the script `exec`s into `erl`, which
+    /// `exec`s `beam.smp`, so this handle is exactly this node's VM (checked at each boot).
+    /// `None` after [`kill9`](Self::kill9).
+    beam: Option<Child>,
+    /// How long the last boot (start or restart) took until the AMQP handshake succeeded.
+    pub boot_time: Duration,
+}
+
+impl PrivateBroker {
+    /// Boot a fresh node and wait until it accepts AMQP connections.
+    pub async fn start() -> PrivateBroker {
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let port = free_port();
+        let dist_port = std::iter::repeat_with(free_port)
+            .find(|&p| p != port)
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("amqprpc-{id}"));
+        std::fs::create_dir_all(&dir).expect("broker temp dir");
+        let files = [
+            // An explicit listener, so the node never reads the shared one's 5672 config.
+            (
+                "rabbitmq.conf",
+                format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users.guest = true\n"),
+            ),
+            // The default path is /etc/rabbitmq's; an empty file is a parse error, `[].` is not.
+            ("advanced.config", "[].\n".into()),
+            // No plugins: faster boot, and no management listener to clash on 15672.
+            ("enabled_plugins", String::new()),
+            // Replaces /etc/rabbitmq/rabbitmq-env.conf, which names the shared node.
+            ("rabbitmq-env.conf", String::new()),
+        ];
+        for (name, text) in &files {
+            std::fs::write(dir.join(name), text).expect("broker config file");
+        }
+        // The node runs as the `rabbitmq` user, which must own its data and log dirs.
+        if running_as_root() {
+            let owner = std::fs::metadata(RABBITMQ_HOME).expect("rabbitmq home");
+            for path in std::iter::once(dir.clone()).chain(files.iter().map(|f| dir.join(f.0))) {
+                std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid()))
+                    .expect("chown to rabbitmq");
+            }
+        }
+        let mut broker = PrivateBroker {
+            node: format!("amqprpc-{id}@localhost"),
+            port,
+            dist_port,
+            dir,
+            beam: None,
+            boot_time: Duration::ZERO,
+        };
+        broker.boot().await;
+        broker
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:PORT/%2f` (guest may log in over loopback).
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Stop the RabbitMQ application (the VM stays up): every connection is closed by the
+    /// broker and the listener goes away. Returns once `rabbitmqctl` says it is done.
+    pub async fn stop_app(&self) {
+        self.ctl(&["stop_app"]).await;
+    }
+
+    /// Start the application again; returns once it accepts AMQP connections.
+    pub async fn start_app(&mut self) {
+        let t0 = Instant::now();
+        self.ctl(&["start_app"]).await;
+        self.wait_up(t0).await;
+    }
+
+    /// SIGKILL the node's VM: no connection.close, sockets just die, non-durable queues are
+    /// gone. Waits until the process has exited.
+    pub fn kill9(&mut self) {
+        let mut beam = self.beam.take().expect("node running");
+        beam.kill().expect("SIGKILL the node's beam");
+        beam.wait().expect("reap the node's beam");
+    }
+
+    /// Boot the node again on the same ports and data dir (after [`kill9`](Self::kill9)).
+    pub async fn restart(&mut self) {
+        assert!(self.beam.is_none(), "restart() follows kill9()");
+        self.boot().await;
+    }
+
+    /// Start the VM and wait for the broker to accept connections.
+    async fn boot(&mut self) {
+        let t0 = Instant::now();
+        let dir = self.dir.clone();
+        let at = |name: &str| dir.join(name);
+        let console = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(at("console.log"))
+            .expect("console log");
+        let mut cmd = Command::new(SERVER);
+        cmd.current_dir(&self.dir) // crash dumps land here, not in the shared node's home
+            .env_clear() // nothing of ours (RABBITMQ_*, ERL_*) leaks into the node
+            .env("PATH", "/usr/sbin:/usr/bin:/bin")
+            .env("HOME", RABBITMQ_HOME) // the shared cookie, read-only
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_CONF_ENV_FILE", at("rabbitmq-env.conf"))
+            .env("RABBITMQ_CONFIG_FILE", at("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", at("advanced.config"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", at("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", at("mnesia"))
+            .env("RABBITMQ_LOG_BASE", at("log"))
+            .env("RABBITMQ_PID_FILE", at("pid"))
+            // Makes the script `exec` the VM instead of running it as a child of a signal
+            // proxy shell, so the process we spawn is `beam.smp` itself.
+            .env("RABBITMQ_ALLOW_INPUT", "1")
+            // ... which also drops `-noinput`, so put it back; and keep distribution on
+            // loopback, like the shared node.
+            .env(
+                "RABBITMQ_SERVER_START_ARGS",
+                "-noinput -noshell -kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            // Only used if no epmd runs yet: then the one the VM starts stays on loopback.
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .stdin(Stdio::null())
+            .stdout(console.try_clone().unwrap())
+            .stderr(console);
+        if running_as_root() {
+            // As the server wrapper would, without its `su`: the node must not run as root.
+            let owner = std::fs::metadata(RABBITMQ_HOME).expect("rabbitmq home");
+            cmd.uid(owner.uid()).gid(owner.gid());
+        }
+        self.beam = Some(cmd.spawn().expect("rabbitmq-server runs"));
+        self.wait_up(t0).await;
+        let pid = self.beam.as_ref().unwrap().id();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert_eq!(comm.trim(), "beam.smp", "pid {pid} is the node's VM");
+        let pid_file = std::fs::read_to_string(at("pid")).unwrap_or_default();
+        assert_eq!(pid_file.trim(), pid.to_string(), "the node's own pid file");
+    }
+
+    /// Wait until an AMQP handshake succeeds (the listener opens last in the boot), failing
+    /// fast if the VM exits. Records the time since `t0` as the boot time.
+    async fn wait_up(&mut self, t0: Instant) {
+        loop {
+            if let Some(beam) = self.beam.as_mut() {
+                if let Some(status) = beam.try_wait().expect("try_wait") {
+                    panic!(
+                        "{} exited ({status}) while booting:\n{}",
+                        self.node,
+                        self.log()
+                    );
+                }
+            }
+            let url = self.url();
+            let attempt = Connection::connect(&url, ConnectionProperties::default());
+            if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                let _ = conn.close(200, "probe".into()).await;
+                self.boot_time = t0.elapsed();
+                return;
+            }
+            assert!(
+                t0.elapsed() < BOOT_LIMIT,
+                "{} not up within {BOOT_LIMIT:?}:\n{}",
+                self.node,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `rabbitmqctl -n NODE args...`, which must succeed.
+    async fn ctl(&self, args: &[&str]) {
+        let out = tokio::process::Command::new(CTL)
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?} on {}: {}{}",
+            self.node,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The end of the node's console output, for failure messages.
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+        let lines: Vec<_> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        // Only our own VM: epmd is shared with every other node and stays.
+        if let Some(mut beam) = self.beam.take() {
+            let _ = beam.kill();
+            let _ = beam.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn running_as_root() -> bool {
+    // Without libc: /proc/self belongs to the process's effective user.
+    Path::new("/proc/self")
+        .metadata()
+        .is_ok_and(|m| m.uid() == 0)
+}
