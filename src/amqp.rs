@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, Queue};
@@ -54,6 +55,7 @@ pub struct Connector {
     max_backoff: Duration,
     name: String,
     next: usize,
+    tls: OwnedTLSConfig,
 }
 
 impl Connector {
@@ -86,6 +88,10 @@ impl Connector {
             max_backoff: Duration::from_secs(amqp.reconnect_max_backoff_secs),
             name: name.to_owned(),
             next: 0,
+            tls: crate::tls::load(amqp).map_err(|reason| SetupError::BadUrl {
+                url: redact_url(&amqp.url),
+                reason,
+            })?,
         })
     }
 
@@ -99,8 +105,12 @@ impl Connector {
         let (uri, shown) = self.uris[self.next].clone();
         self.next = (self.next + 1) % self.uris.len();
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
-        match tokio::time::timeout(self.connect_timeout, Connection::connect_uri(uri, props)).await
-        {
+        let tls = self.tls.clone();
+        let connect = async move {
+            let runtime = lapin::runtime::default_runtime()?;
+            Connection::connect_uri_with_config(uri, props, tls, runtime).await
+        };
+        match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(conn)) => {
                 tracing::info!(url = %shown, "connected to broker");
                 Ok(conn)

@@ -100,6 +100,13 @@ section!(
         connect_timeout_secs: u64 = 5,
         /// Cap of the exponential reconnect backoff.
         reconnect_max_backoff_secs: u64 = 30,
+        /// PEM file of the CA(s) that signed the broker's certificate (`amqps://`); unset =
+        /// the system's trust store.
+        tls_ca_file: Option<PathBuf> = None,
+        /// PEM client certificate, for brokers that require one (with `tls_key_file`).
+        tls_cert_file: Option<PathBuf> = None,
+        /// PEM (PKCS#8) private key of `tls_cert_file`.
+        tls_key_file: Option<PathBuf> = None,
     }
 );
 
@@ -251,6 +258,9 @@ impl Config {
         }
         if self.amqp.reconnect_max_backoff_secs == 0 {
             p.push("amqp.reconnect_max_backoff_secs: must be at least 1".into());
+        }
+        if let Err(e) = crate::tls::load(&self.amqp) {
+            p.push(e);
         }
         if s.queue.is_empty() || s.queue.len() > 255 {
             p.push("service.queue: must be 1 to 255 bytes".into());

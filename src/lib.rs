@@ -19,6 +19,7 @@
 //! - [`systemd`]: READY/STOPPING notifications and watchdog pings.
 //! - [`liveness`]: whether the consume loop is alive (watchdog, `/healthz`).
 //! - [`telemetry`]: tracing set-up with secret redaction.
+//! - [`tls`]: CA bundle and client certificate for `amqps://`.
 //! - [`error`]: the daemon's fatal errors.
 
 pub mod amqp;
@@ -35,6 +36,7 @@ pub mod service;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls;
 
 pub use client::{CallError, CallOptions, Client, ClientBuilder};
 pub use config::Config;

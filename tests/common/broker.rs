@@ -44,6 +44,12 @@ pub struct PrivateBroker {
 impl PrivateBroker {
     /// Boot a fresh node and wait until it accepts AMQP connections.
     pub async fn start() -> PrivateBroker {
+        Self::start_with("", &[]).await
+    }
+
+    /// Like [`start`](Self::start), with more `rabbitmq.conf` lines and files in the node's
+    /// directory (`{dir}` in the lines is replaced by that directory), e.g. a TLS listener.
+    pub async fn start_with(extra_conf: &str, extra_files: &[(&str, String)]) -> PrivateBroker {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let port = free_port();
         let dist_port = std::iter::repeat_with(free_port)
@@ -51,11 +57,14 @@ impl PrivateBroker {
             .unwrap();
         let dir = std::env::temp_dir().join(format!("amqprpc-{id}"));
         std::fs::create_dir_all(&dir).expect("broker temp dir");
-        let files = [
+        let extra_conf = extra_conf.replace("{dir}", dir.to_str().expect("UTF-8 temp dir"));
+        let mut files = vec![
             // An explicit listener, so the node never reads the shared one's 5672 config.
             (
                 "rabbitmq.conf",
-                format!("listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users.guest = true\n"),
+                format!(
+                    "listeners.tcp.1 = 127.0.0.1:{port}\nloopback_users.guest = true\n{extra_conf}"
+                ),
             ),
             // The default path is /etc/rabbitmq's; an empty file is a parse error, `[].` is not.
             ("advanced.config", "[].\n".into()),
@@ -64,6 +73,7 @@ impl PrivateBroker {
             // Replaces /etc/rabbitmq/rabbitmq-env.conf, which names the shared node.
             ("rabbitmq-env.conf", String::new()),
         ];
+        files.extend(extra_files.iter().map(|(n, t)| (*n, t.clone())));
         for (name, text) in &files {
             std::fs::write(dir.join(name), text).expect("broker config file");
         }
