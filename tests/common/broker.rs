@@ -220,7 +220,7 @@ impl PrivateBroker {
     }
 
     /// `rabbitmqctl -n NODE args...`, which must succeed.
-    async fn ctl(&self, args: &[&str]) {
+    pub async fn ctl(&self, args: &[&str]) {
         let out = tokio::process::Command::new(CTL)
             .arg("-n")
             .arg(&self.node)
