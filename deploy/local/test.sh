@@ -50,6 +50,9 @@ cargo clippy --all-targets -- -D warnings
 step "cargo build --bins"
 cargo build --bins
 
+step "deploy artifacts (Kubernetes, systemd, Docker, Grafana)"
+deploy/validate.sh
+
 if cargo nextest --version >/dev/null 2>&1; then
     unset NEXTEST_TEST_THREADS
     step "cargo nextest run --no-fail-fast $*"

@@ -24,11 +24,14 @@ pub struct Idempotency {
 }
 
 impl Idempotency {
-    /// A cache of at most `entries` replies, each kept for `ttl`.
+    /// A cache of at most `entries` replies, each kept for `ttl`. A reply weighs one entry
+    /// per started KiB, so `entries` bounds memory too (about `entries` KiB of bodies), even
+    /// when every reply is a 20 KB fib(100000).
     pub fn new(entries: u64, ttl: Duration) -> Self {
         Idempotency {
             replies: moka::future::Cache::builder()
                 .max_capacity(entries)
+                .weigher(|key: &String, reply: &CachedReply| weight(key, reply))
                 .time_to_live(ttl)
                 .build(),
             attempts: moka::sync::Cache::builder()
@@ -91,6 +94,17 @@ impl Idempotency {
     }
 }
 
+/// Cache weight of a reply: one unit per started KiB of key and body.
+fn weight(key: &str, reply: &CachedReply) -> u32 {
+    let body = match reply.as_ref() {
+        Ok(body) => body.len(),
+        Err(e) => e.message.len(),
+    };
+    u32::try_from((key.len() + body).div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
 /// Whether a reply is a fact about the request (cache it) or about the moment (do not):
 /// a retry after `deadline_exceeded` or `unavailable` deserves a fresh attempt.
 pub fn cacheable(reply: &Result<Vec<u8>, RequestError>) -> bool {
@@ -125,6 +139,12 @@ mod tests {
             "r:q\u{0}c"
         );
         assert_eq!(Idempotency::key(&meta(None, None)), None);
+    }
+
+    #[test]
+    fn big_replies_weigh_more() {
+        assert_eq!(weight("k", &Arc::new(Ok(vec![0; 10]))), 1);
+        assert_eq!(weight("k", &Arc::new(Ok(vec![0; 20_900]))), 21);
     }
 
     #[test]
