@@ -55,11 +55,8 @@ deploy/validate.sh
 
 if cargo nextest --version >/dev/null 2>&1; then
     unset NEXTEST_TEST_THREADS
-    step "cargo nextest run --no-fail-fast $*"
-    cargo nextest run --no-fail-fast "$@"
-
-    # Doc tests: nextest does not run them. Forward the arguments only when
-    # they are plain name filters that `cargo test` understands too.
+    # Doc tests first (nextest does not run them), so the run closes on nextest's summary.
+    # Arguments are forwarded only when they are plain name filters `cargo test` understands.
     doc_args=("$@")
     for arg in "$@"; do
         if [[ $arg == -* ]]; then
@@ -70,6 +67,9 @@ if cargo nextest --version >/dev/null 2>&1; then
     done
     step "cargo test --doc ${doc_args[*]}"
     cargo test --doc "${doc_args[@]}"
+
+    step "cargo nextest run --no-fail-fast $*"
+    cargo nextest run --no-fail-fast "$@"
 else
     step "cargo test --no-fail-fast $* (cargo-nextest not installed)"
     cargo test --no-fail-fast "$@"
