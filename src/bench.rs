@@ -6,6 +6,7 @@
 //! ends in `ok` or in one counted error kind, so `ok + errors == calls` holds by construction.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -81,8 +82,31 @@ struct Worker {
     errors: BTreeMap<&'static str, u64>,
 }
 
-/// Run the load and return the report.
+/// Run the load against `client` and return the report.
 pub async fn run(client: Client, spec: BenchSpec) -> BenchReport {
+    let method: Arc<str> = spec.method.as_str().into();
+    let body: Arc<[u8]> = spec.arg.as_bytes().into();
+    let options = spec.options;
+    let call = move || {
+        let (client, method, body) = (client.clone(), method.clone(), body.clone());
+        async move {
+            client
+                .call_with(&method, &body, options)
+                .await
+                .map(drop)
+                .map_err(|e| e.kind())
+        }
+    };
+    run_calls(call, &spec).await
+}
+
+/// Run the load with any call function (the reference programs use this with their own
+/// clients, so every system is measured by the same loop). An `Err` names the error kind.
+pub async fn run_calls<F, Fut>(call: F, spec: &BenchSpec) -> BenchReport
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), &'static str>> + Send,
+{
     if !spec.warmup.is_zero() {
         let warm = BenchSpec {
             amount: Amount::Duration(spec.warmup),
@@ -90,12 +114,16 @@ pub async fn run(client: Client, spec: BenchSpec) -> BenchReport {
             warmup: Duration::ZERO,
             ..spec.clone()
         };
-        let _ = measure(client.clone(), &warm).await;
+        let _ = measure(call.clone(), &warm).await;
     }
-    measure(client, &spec).await
+    measure(call, spec).await
 }
 
-async fn measure(client: Client, spec: &BenchSpec) -> BenchReport {
+async fn measure<F, Fut>(call: F, spec: &BenchSpec) -> BenchReport
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), &'static str>> + Send,
+{
     let started = Instant::now();
     let issued = Arc::new(AtomicU64::new(0));
     let bar = progress_bar(spec);
@@ -109,14 +137,9 @@ async fn measure(client: Client, spec: &BenchSpec) -> BenchReport {
     };
     let mut tasks = Vec::with_capacity(spec.concurrency);
     for _ in 0..spec.concurrency.max(1) {
-        let client = client.clone();
+        let call = call.clone();
         let issued = issued.clone();
         let bar = bar.clone();
-        let (method, body, options) = (
-            spec.method.clone(),
-            spec.arg.clone().into_bytes(),
-            spec.options,
-        );
         tasks.push(tokio::spawn(async move {
             let mut w = Worker {
                 hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
@@ -128,12 +151,12 @@ async fn measure(client: Client, spec: &BenchSpec) -> BenchReport {
                 && issued.fetch_add(1, Ordering::Relaxed) < limit
             {
                 let t0 = Instant::now();
-                let result = client.call_with(&method, &body, options).await;
+                let result = call().await;
                 let us = t0.elapsed().as_micros().max(1) as u64;
                 w.hist.saturating_record(us);
                 match result {
                     Ok(_) => w.ok += 1,
-                    Err(e) => *w.errors.entry(e.kind()).or_default() += 1,
+                    Err(kind) => *w.errors.entry(kind).or_default() += 1,
                 }
                 if let Some(bar) = &bar {
                     bar.inc(1);
