@@ -205,12 +205,16 @@ impl Client {
             let result = tokio::time::timeout_at(deadline, attempt)
                 .await
                 .unwrap_or(Err(CallError::Timeout(options.timeout)));
+            let pause = jittered(backoff);
             let retry = match &result {
-                Err(CallError::NoServer { .. }) => started.elapsed() < NO_SERVER_RETRY_WINDOW,
+                // The next attempt must still start inside the window, so "nobody serves this"
+                // is reported within about a second.
+                Err(CallError::NoServer { .. }) => {
+                    started.elapsed() + pause < NO_SERVER_RETRY_WINDOW
+                }
                 Err(e) => e.is_connection_lost() || e.is_unavailable(),
                 Ok(_) => false,
             };
-            let pause = jittered(backoff);
             if !options.idempotent || !retry || Instant::now() + pause >= deadline {
                 return result;
             }
