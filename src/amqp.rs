@@ -15,7 +15,7 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, Queue};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{redact_url, AmqpConfig, QueueType, ServiceConfig};
+use crate::config::{redact_text, redact_url, AmqpConfig, QueueType, ServiceConfig};
 
 /// First reconnect delay; doubles up to the configured cap.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -61,18 +61,25 @@ pub struct Connector {
 impl Connector {
     /// Build from the `[amqp]` section; `name` is shown in the broker's connection list.
     pub fn new(amqp: &AmqpConfig, name: &str) -> Result<Self, SetupError> {
-        let urls = amqp.urls().map_err(|reason| SetupError::BadUrl {
+        let password = amqp.file_password().map_err(|reason| SetupError::BadUrl {
             url: redact_url(&amqp.url),
             reason,
         })?;
-        let uris = urls
+        let uris = amqp
+            .urls()
             .iter()
             .map(|url| {
-                let mut uri: AMQPUri = url.parse().map_err(|reason| SetupError::BadUrl {
-                    url: redact_url(url),
-                    reason,
-                })?;
+                let mut uri: AMQPUri =
+                    url.parse().map_err(|reason: String| SetupError::BadUrl {
+                        url: redact_url(url),
+                        reason: redact_text(&reason),
+                    })?;
                 uri.query.heartbeat.get_or_insert(amqp.heartbeat_secs);
+                // On the parsed URI, so any character works and a URL without a password
+                // (amqp://user@host) gets it too.
+                if let Some(pw) = &password {
+                    uri.authority.userinfo.password = pw.clone();
+                }
                 Ok((uri, redact_url(url)))
             })
             .collect::<Result<Vec<_>, SetupError>>()?;
@@ -93,11 +100,6 @@ impl Connector {
                 reason,
             })?,
         })
-    }
-
-    /// The redacted URL the next attempt will use.
-    pub fn current_url(&self) -> &str {
-        &self.uris[self.next].1
     }
 
     /// One attempt against the next broker in the rotation.
@@ -306,7 +308,28 @@ mod tests {
         let c = Connector::new(&amqp, "t").unwrap();
         assert_eq!(c.uris.len(), 2);
         assert!(c.uris.iter().all(|(u, _)| u.query.heartbeat == Some(7)));
-        assert_eq!(c.current_url(), "amqp://u:***@h1:5672/%2f");
+        assert_eq!(c.uris[c.next].1, "amqp://u:***@h1:5672/%2f");
+    }
+
+    #[test]
+    fn password_file_applies_to_the_parsed_url_whatever_its_characters() {
+        let dir =
+            std::env::temp_dir().join(format!("amqp-rpc-pw-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "S3cr/et@#?:x\n").unwrap();
+        let amqp = AmqpConfig {
+            url: "amqp://rpc@h1:5672/%2f,amqp://rpc:old@h2:5672/%2f".into(),
+            password_file: Some(file),
+            ..AmqpConfig::default()
+        };
+        let c = Connector::new(&amqp, "t").unwrap();
+        for (uri, shown) in &c.uris {
+            assert_eq!(uri.authority.userinfo.password, "S3cr/et@#?:x");
+            assert!(!shown.contains("S3cr"), "{shown}");
+        }
+        assert!(amqp.secrets().contains(&"S3cr/et@#?:x".to_owned()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

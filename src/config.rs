@@ -10,11 +10,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::secret::with_password;
 pub use crate::secret::{redact_text, redact_url, split_urls, url_secrets};
 
 /// Environment prefix: `AMQP_RPC__AMQP__URL` sets `amqp.url`.
@@ -234,19 +232,21 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
         let s = &self.service;
-        match self.amqp.urls() {
-            Ok(urls) if urls.is_empty() => p.push("amqp.url: no URL given".into()),
-            Ok(urls) => {
-                for url in urls {
-                    if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
-                        p.push(format!(
-                            "amqp.url: {:?} is not an AMQP URL: {e}",
-                            redact_url(&url)
-                        ));
-                    }
-                }
+        if let Err(e) = self.amqp.file_password() {
+            p.push(e);
+        }
+        let urls = self.amqp.urls();
+        if urls.is_empty() {
+            p.push("amqp.url: no URL given".into());
+        }
+        for url in urls {
+            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                p.push(format!(
+                    "amqp.url: {:?} is not an AMQP URL: {}",
+                    redact_url(&url),
+                    redact_text(&e)
+                ));
             }
-            Err(e) => p.push(e),
         }
         if self.amqp.heartbeat_secs == 0 {
             p.push(
@@ -303,30 +303,28 @@ impl Config {
 }
 
 impl AmqpConfig {
-    /// The broker URLs, with the password from `password_file` applied when set.
-    pub fn urls(&self) -> Result<Vec<String>, String> {
-        let password = match &self.password_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| {
-                        format!("amqp.password_file: cannot read {}: {e}", path.display())
-                    })?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_owned(),
-            ),
-            None => None,
-        };
-        Ok(split_urls(&self.url)
-            .map(|u| match &password {
-                Some(pw) => with_password(u, pw),
-                None => u.to_owned(),
-            })
-            .collect())
+    /// The broker URLs as configured (comma-separated list split, blanks dropped).
+    pub fn urls(&self) -> Vec<String> {
+        split_urls(&self.url).map(str::to_owned).collect()
     }
 
-    /// Heartbeat as a duration.
-    pub fn heartbeat(&self) -> Duration {
-        Duration::from_secs(self.heartbeat_secs.into())
+    /// The password from `password_file`, when one is configured (trailing newline dropped).
+    pub fn file_password(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.password_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("amqp.password_file: cannot read {}: {e}", path.display()))?;
+        Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
+    }
+
+    /// Every secret the logs must never show: the URLs' passwords and the file's.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = url_secrets(&self.urls());
+        if let Ok(Some(pw)) = self.file_password() {
+            secrets.push(pw);
+        }
+        secrets
     }
 }
 
@@ -455,6 +453,6 @@ mod tests {
             url: " amqp://a:1@h1 , amqp://a:1@h2,".into(),
             ..AmqpConfig::default()
         };
-        assert_eq!(a.urls().unwrap(), vec!["amqp://a:1@h1", "amqp://a:1@h2"]);
+        assert_eq!(a.urls(), vec!["amqp://a:1@h1", "amqp://a:1@h2"]);
     }
 }

@@ -22,6 +22,9 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
     /// Metrics could not be registered (a name clash in the registry passed in).
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -35,10 +38,10 @@ impl Error {
     /// The process exit code for this error (sysexits-style where one fits).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) | Error::Setup(_) => 78, // EX_CONFIG
-            Error::HttpBind { .. } => 71,             // EX_OSERR
-            Error::Metrics(_) => 70,                  // EX_SOFTWARE
-            Error::DrainTimeout(_) => 75,             // EX_TEMPFAIL
+            Error::Config(_) | Error::Setup(_) => 78,    // EX_CONFIG
+            Error::HttpBind { .. } => 71,                // EX_OSERR
+            Error::Metrics(_) | Error::Signals(_) => 70, // EX_SOFTWARE
+            Error::DrainTimeout(_) => 75,                // EX_TEMPFAIL
         }
     }
 }

@@ -46,7 +46,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    /// Every code, in contract order (used by tests and metrics pre-registration).
+    /// Every code, in contract order.
     pub const ALL: [ErrorCode; 7] = [
         ErrorCode::InvalidArgument,
         ErrorCode::OutOfRange,
@@ -133,7 +133,8 @@ pub fn header_u64(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
         AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
         AMQPValue::LongUInt(v) => Some(u64::from(*v)),
         AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::Timestamp(v) => Some(*v),
+        // AMQP timestamps count seconds, not milliseconds.
+        AMQPValue::Timestamp(v) => v.checked_mul(1000),
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
         AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
         _ => None,
@@ -228,10 +229,15 @@ pub fn reply_properties(
     props
 }
 
+/// Largest `expiration` RabbitMQ accepts (an Erlang timer: 2^32 - 1 ms, about 49 days). A
+/// larger value makes the broker close the publishing channel, so budgets are capped here.
+pub const MAX_EXPIRATION_MS: u128 = 4_294_967_295;
+
 /// The `expiration` property's value for a time budget: whole milliseconds, at least 1 because
-/// RabbitMQ reads "0" as "deliver now or drop", which is not what a live budget means.
+/// RabbitMQ reads "0" as "deliver now or drop", which is not what a live budget means, and at
+/// most [`MAX_EXPIRATION_MS`].
 pub fn expiration_ms(budget: Duration) -> String {
-    budget.as_millis().max(1).to_string()
+    budget.as_millis().clamp(1, MAX_EXPIRATION_MS).to_string()
 }
 
 #[cfg(test)]
@@ -250,7 +256,7 @@ mod tests {
     fn deadline_header_accepts_every_integer_type() {
         for value in [
             AMQPValue::LongLongInt(1_700_000_000_000),
-            AMQPValue::Timestamp(1_700_000_000_000),
+            AMQPValue::Timestamp(1_700_000_000),
             AMQPValue::LongString("1700000000000".into()),
         ] {
             let mut t = FieldTable::default();
@@ -287,5 +293,6 @@ mod tests {
     fn expiration_is_never_zero() {
         assert_eq!(expiration_ms(Duration::ZERO), "1");
         assert_eq!(expiration_ms(Duration::from_millis(700)), "700");
+        assert_eq!(expiration_ms(Duration::MAX), "4294967295");
     }
 }

@@ -12,10 +12,9 @@ pub fn split_urls(list: &str) -> impl Iterator<Item = &str> {
 /// The span of the password inside `scheme://user:password@host...`, if there is one.
 fn password_span(url: &str) -> Option<(usize, usize)> {
     let start = url.find("://")? + 3;
-    let authority_end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| start + i);
-    let at = url[start..authority_end].rfind('@')? + start;
+    // The last '@' ends the user info, so a password holding '/', '?', '#' or '@' is still
+    // found (erring towards masking more, never less).
+    let at = url[start..].rfind('@')? + start;
     let colon = url[start..at].find(':')? + start;
     Some((colon + 1, at))
 }
@@ -55,16 +54,15 @@ pub fn url_secrets(urls: &[String]) -> Vec<String> {
     out
 }
 
-pub(crate) fn with_password(url: &str, password: &str) -> String {
-    match password_span(url) {
-        Some((a, b)) => format!("{}{password}{}", &url[..a], &url[b..]),
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction_of_passwords_with_url_characters() {
+        assert_eq!(redact_url("amqp://u:S3cr/et@h/%2f"), "amqp://u:***@h/%2f");
+        assert_eq!(redact_url("amqp://u:a@b#c?d@h:1/v"), "amqp://u:***@h:1/v");
+    }
 
     #[test]
     fn redaction() {
@@ -75,7 +73,6 @@ mod tests {
         assert_eq!(redact_url("amqp://h/%2f"), "amqp://h/%2f");
         assert_eq!(redact_url("amqp://u@h"), "amqp://u@h");
         assert_eq!(redact_text("bad amqp://u:p@w@h x"), "bad amqp://u:***@h x");
-        assert_eq!(with_password("amqp://u:old@h/v", "new"), "amqp://u:new@h/v");
     }
 
     #[test]

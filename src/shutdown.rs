@@ -19,8 +19,10 @@ pub fn install() -> std::io::Result<CancellationToken> {
     let trigger = token.clone();
     tokio::spawn(async move {
         if let Some(sig) = signals.next().await {
-            tracing::info!(signal = sig, "shutdown requested, draining");
+            // Cancel first: nothing (not even a failing log write) may stand between the
+            // signal and the drain.
             trigger.cancel();
+            tracing::info!(signal = sig, "shutdown requested, draining");
         }
         if let Some(sig) = signals.next().await {
             tracing::warn!(signal = sig, "second signal, exiting now");

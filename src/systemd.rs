@@ -19,11 +19,6 @@ pub fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
 }
 
-/// Tell systemd why the service is not ready (shown by `systemctl status`).
-pub fn status(text: &str) {
-    notify(&[NotifyState::Status(text)]);
-}
-
 fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::debug!(error = %e, "sd_notify failed");

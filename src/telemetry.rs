@@ -22,9 +22,12 @@ pub fn init(log: &LogConfig, secrets: Vec<String>) -> Result<(), String> {
     }
     .map_err(|e| format!("log filter: {e}"))?;
     let writer = RedactingWriter::new(secrets);
+    // A broken stderr (a closed pipe) must not take the daemon down: tracing-subscriber would
+    // report the write error with eprintln!, which panics on EPIPE in whatever task logged.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer)
+        .log_internal_errors(false);
     let result = match log.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -75,16 +78,19 @@ pub struct RedactingLine {
 }
 
 impl Write for RedactingLine {
+    /// Never fails: a log line that cannot be written is dropped, the work goes on.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.parent.secrets.is_empty() {
-            return io::stderr().write(buf);
-        }
-        io::stderr().write_all(&self.parent.redact(buf))?;
+        let _ = if self.parent.secrets.is_empty() {
+            io::stderr().write_all(buf)
+        } else {
+            io::stderr().write_all(&self.parent.redact(buf))
+        };
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        io::stderr().flush()
+        let _ = io::stderr().flush();
+        Ok(())
     }
 }
 

@@ -121,11 +121,19 @@ async fn hostile_requests_each_get_exactly_one_right_reply() {
         BasicProperties::default().with_correlation_id("no-reply-to".into()),
     )
     .await;
+    // A deadline in microseconds (a client bug): far in the future, so the reply's expiration
+    // is capped instead of making the broker close the reply channel.
+    raw.publish(
+        &queue,
+        b"11",
+        with_deadline(raw.props("far-deadline"), 1_793_665_501_623_410),
+    )
+    .await;
     // Deadline already passed: dropped without work or reply.
     raw.publish(&queue, b"5", with_deadline(raw.props("past"), now - 1_000))
         .await;
 
-    let answerable = cases.len() + 1;
+    let answerable = cases.len() + 2;
     let mut replies: HashMap<String, _> = HashMap::new();
     let mut uncorrelated = Vec::new();
     for _ in 0..answerable {
@@ -162,6 +170,7 @@ async fn hostile_requests_each_get_exactly_one_right_reply() {
             }
         }
     }
+    assert_eq!(replies["far-deadline"].body, b"89");
     assert_eq!(uncorrelated.len(), 1);
     assert_eq!(uncorrelated[0].error_code, Some(ErrorCode::InvalidArgument));
     assert!(String::from_utf8_lossy(&uncorrelated[0].body).contains("correlation_id"));

@@ -171,3 +171,29 @@ async fn systemd_hears_ready_watchdog_and_stopping() {
     let _ = std::fs::remove_dir_all(&dir);
     delete_queue(&queue).await;
 }
+
+#[tokio::test]
+async fn a_closed_stderr_does_not_stop_serving_or_shutting_down() {
+    let queue = unique_queue("epipe");
+    let port = free_port();
+    let env = [("AMQP_RPC__LOG__LEVEL", "debug")];
+    let mut daemon = spawn_daemon_with(&queue, port, &env, std::process::Stdio::piped()).await;
+    drop(daemon.stderr.take()); // like `amqp-rpcd 2>&1 | head -3` after head exits
+    wait_ready(port).await;
+    let client = client(&queue, Duration::from_secs(10)).await;
+    for n in [10u64, 20, 30] {
+        // Each request logs at debug level into the closed pipe.
+        assert_eq!(
+            client.fib(n).await.unwrap(),
+            amqp_rpc::service::fib::fib_decimal(n).parse().unwrap()
+        );
+    }
+    assert!(client.call("fib", b"x").await.unwrap_err().is_remote());
+    signal(&daemon, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), daemon.wait())
+        .await
+        .expect("SIGTERM still drains and exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    delete_queue(&queue).await;
+}

@@ -63,14 +63,23 @@ async fn duplicates_are_computed_once_and_answered_each_time() {
         .props("d")
         .with_type("counted".into())
         .with_message_id("job-1".into());
-    raw.publish(&queue, b"ignored", props).await;
+    raw.publish(&queue, b"result-1", props).await;
     let reply = raw.next_reply(Duration::from_secs(10)).await;
     assert_eq!(
         (reply.correlation_id.as_deref(), reply.body.as_slice()),
         (Some("d"), &b"result-1"[..])
     );
     assert_eq!(runs.load(Ordering::SeqCst), 2, "one computation per key");
-    daemon.expect_requests("counted", "ok", 5).await;
+    // The same message_id on another body is another request, never a stale reply.
+    let props = raw
+        .props("e")
+        .with_type("counted".into())
+        .with_message_id("job-1".into());
+    raw.publish(&queue, b"result-3", props).await;
+    let reply = raw.next_reply(Duration::from_secs(10)).await;
+    assert_eq!(reply.body, b"result-3");
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    daemon.expect_requests("counted", "ok", 6).await;
     assert_eq!(daemon.metrics.replays.get(), 3);
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;

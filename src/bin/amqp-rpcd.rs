@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    let secrets = config::url_secrets(&config.amqp.urls().unwrap_or_default());
+    let secrets = config.amqp.secrets();
     if let Err(e) = telemetry::init(&config.log, secrets) {
         eprintln!("amqp-rpcd: logging: {e}");
         return ExitCode::from(EXIT_CONFIG);
@@ -53,10 +53,7 @@ fn main() -> ExitCode {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        let shutdown = shutdown::install().map_err(|e| amqp_rpc::Error::HttpBind {
-            addr: "signal handlers".into(),
-            source: e,
-        })?;
+        let shutdown = shutdown::install().map_err(amqp_rpc::Error::Signals)?;
         amqp_rpc::run(config, registry, shutdown).await
     });
     // Blocking handler threads may still be computing; do not wait for them.

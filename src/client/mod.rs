@@ -21,7 +21,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation};
 use num_bigint::BigUint;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,13 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const NO_SERVER_RETRY_WINDOW: Duration = Duration::from_secs(1);
 const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(25);
 const RETRY_MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// `start + timeout`, saturating: a `Duration::MAX` timeout means "about never", not a panic.
+fn far(start: Instant, timeout: Duration) -> Instant {
+    start
+        .checked_add(timeout)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600))
+}
 
 /// Options of one call.
 #[derive(Clone, Copy, Debug)]
@@ -109,7 +116,7 @@ impl ClientBuilder {
     /// [`build`](Self::build), then wait for the first connection (up to the default timeout).
     pub async fn connect(self) -> Result<Client, CallError> {
         let client = self.build()?;
-        let deadline = Instant::now() + client.inner.timeout;
+        let deadline = far(Instant::now(), client.inner.timeout);
         client.session(deadline).await?;
         Ok(client)
     }
@@ -196,8 +203,11 @@ impl Client {
             });
         }
         let started = Instant::now();
-        let deadline = started + options.timeout;
-        let deadline_ms = now_epoch_ms() + options.timeout.as_millis() as u64;
+        let deadline = far(started, options.timeout);
+        let timeout_ms = u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX);
+        let deadline_ms = now_epoch_ms()
+            .saturating_add(timeout_ms)
+            .min(i64::MAX as u64);
         let message_id = uuid::Uuid::new_v4().simple().to_string();
         let mut backoff = RETRY_INITIAL_BACKOFF;
         loop {
@@ -265,7 +275,17 @@ impl Client {
             )
             .await
             .map_err(|_| CallError::ConnectionLost)?;
-        match confirm.await.map_err(|_| CallError::ConnectionLost)? {
+        // The confirm is awaited in its own task: a call that times out must not drop it, or
+        // lapin keeps every dropped confirm until the channel's next error.
+        let (confirmed, confirmation) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = confirmed.send(confirm.await);
+        });
+        match confirmation
+            .await
+            .map_err(|_| CallError::ConnectionLost)?
+            .map_err(|_| CallError::ConnectionLost)?
+        {
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
                 return Err(CallError::NoServer {
                     queue: inner.queue.clone(),

@@ -8,6 +8,7 @@
 //! Attempts are counted so that a request that keeps killing its worker ends as poison.
 
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,10 +42,18 @@ impl Idempotency {
         }
     }
 
-    /// The idempotency key of a request, when it has one.
-    pub fn key(meta: &RequestMeta) -> Option<String> {
+    /// The idempotency key of a request, when it has one. A `message_id` counts together with
+    /// the method and a hash of the body: a client that reuses `message_id` for something
+    /// else (an order number, a counter) must never get another request's reply.
+    pub fn key(meta: &RequestMeta, body: &[u8]) -> Option<String> {
         if let Some(id) = &meta.message_id {
-            return Some(format!("m:{id}"));
+            let mut hasher = std::hash::DefaultHasher::new();
+            body.hash(&mut hasher);
+            return Some(format!(
+                "m:{id}\u{0}{}\u{0}{:016x}",
+                meta.method,
+                hasher.finish()
+            ));
         }
         match (&meta.reply_to, &meta.correlation_id) {
             (Some(to), Some(id)) => Some(format!("r:{to}\u{0}{id}")),
@@ -129,16 +138,29 @@ mod tests {
     }
 
     #[test]
-    fn key_prefers_message_id() {
+    fn key_prefers_message_id_with_method_and_body() {
+        let m1 = meta(Some("m1"), Some("c"));
+        let key = Idempotency::key(&m1, b"10").unwrap();
+        assert!(key.starts_with("m:m1\u{0}"));
         assert_eq!(
-            Idempotency::key(&meta(Some("m1"), Some("c"))).unwrap(),
-            "m:m1"
+            Idempotency::key(&meta(Some("m1"), Some("other")), b"10").unwrap(),
+            key
+        );
+        assert_ne!(Idempotency::key(&m1, b"11").unwrap(), key, "another body");
+        let other_method = RequestMeta {
+            method: "echo".into(),
+            ..m1.clone()
+        };
+        assert_ne!(
+            Idempotency::key(&other_method, b"10").unwrap(),
+            key,
+            "another method"
         );
         assert_eq!(
-            Idempotency::key(&meta(None, Some("c"))).unwrap(),
+            Idempotency::key(&meta(None, Some("c")), b"").unwrap(),
             "r:q\u{0}c"
         );
-        assert_eq!(Idempotency::key(&meta(None, None)), None);
+        assert_eq!(Idempotency::key(&meta(None, None), b""), None);
     }
 
     #[test]

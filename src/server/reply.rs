@@ -9,6 +9,7 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
+use lapin::BasicProperties;
 
 use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
 use crate::server::request::{method_label, RequestCtx};
@@ -59,9 +60,12 @@ pub(super) async fn answer(
                 .await;
         }
         Err(PublishFailure::Channel(e)) => {
-            // Not acked: the channel is gone, so the broker will redeliver the request.
+            // Not acked: the reply channel is gone. Ending the session closes the connection,
+            // so the broker redelivers this request and every other one left without a reply,
+            // instead of the daemon sitting on them with a dead channel.
             ctx.metrics.reply_publish_failures.inc();
-            tracing::warn!(error = %e, "could not publish the reply; leaving the request unacked");
+            tracing::warn!(error = %e, "could not publish the reply; reconnecting");
+            ctx.session_lost.cancel();
         }
     }
 }
@@ -78,23 +82,40 @@ pub(super) async fn give_up(
     tracing::error!(attempt, "poison request: giving up");
     ctx.metrics.poison.inc();
     if !ctx.dead_letter_queue.is_empty() {
-        let mut props = delivery.properties.clone();
-        let mut headers = props.headers().clone().unwrap_or_default();
+        // A copy for inspection: the request's identity and headers, but not its expiration
+        // (the copy must outlive the caller's deadline).
+        let original = &delivery.properties;
+        let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(
             "x-poison-attempts".into(),
             AMQPValue::LongLongInt(attempt.into()),
         );
-        props = props.with_headers(headers);
-        let copied = ctx
-            .reply_channel
-            .basic_publish(
-                "".into(),
-                ctx.dead_letter_queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &delivery.data,
-                props,
-            )
-            .await;
+        let mut props = BasicProperties::default().with_headers(headers);
+        if let Some(v) = original.correlation_id() {
+            props = props.with_correlation_id(v.clone());
+        }
+        if let Some(v) = original.reply_to() {
+            props = props.with_reply_to(v.clone());
+        }
+        if let Some(v) = original.message_id() {
+            props = props.with_message_id(v.clone());
+        }
+        if let Some(v) = original.kind() {
+            props = props.with_type(v.clone());
+        }
+        let copy = ctx.reply_channel.basic_publish(
+            "".into(),
+            ctx.dead_letter_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &delivery.data,
+            props,
+        );
+        // Confirmed (when replies are) before the ack below, so the copy is not lost.
+        let copied = match copy.await {
+            Ok(confirm) if ctx.confirm_replies => confirm.await.map(drop),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
         if let Err(e) = copied {
             tracing::warn!(error = %e, "could not copy the poison request to the dead-letter queue");
         }

@@ -7,6 +7,7 @@
 //! contract).
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::protocol::{now_epoch_ms, ErrorCode, RequestError, RequestMeta};
-use crate::server::idempotency::{cacheable, Idempotency};
+use crate::server::idempotency::{cacheable, CachedReply, Idempotency};
 use crate::server::metrics::Metrics;
 use crate::server::reply;
 use crate::service::{Methods, Work};
@@ -52,13 +53,16 @@ pub struct RequestCtx {
     pub max_deliveries: u32,
     /// Where poison requests are copied; empty = nowhere.
     pub dead_letter_queue: String,
+    /// Cancelled when a request finds the connection's channels broken: the session ends
+    /// and the daemon reconnects.
+    pub session_lost: CancellationToken,
 }
 
 /// What evaluating a request led to.
 #[derive(Clone, Debug)]
 enum Outcome {
-    /// Send this reply.
-    Reply(Result<Vec<u8>, RequestError>),
+    /// Send this reply (shared with the reply cache, never copied).
+    Reply(CachedReply),
     /// The deadline passed before work started: ack, no reply.
     Expired,
     /// Draining began before the work started: hand the request back.
@@ -110,11 +114,11 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
     if meta.expired(now_epoch_ms()) {
         return expired(ctx, &delivery).await;
     }
-    let (outcome, replay) = match Idempotency::key(meta) {
+    let (outcome, replay) = match Idempotency::key(meta, &delivery.data) {
         None => (evaluate(ctx, meta, &delivery.data).await, false),
         Some(key) => {
             if let Some(cached) = ctx.idempotency.cached(&key).await {
-                (Outcome::Reply((*cached).clone()), true)
+                (Outcome::Reply(cached), true)
             } else {
                 let attempt = ctx.idempotency.attempt(&key, meta, delivery.redelivered);
                 if attempt > ctx.max_deliveries {
@@ -137,6 +141,12 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
     }
 }
 
+impl Outcome {
+    fn reply(result: Result<Vec<u8>, RequestError>) -> Self {
+        Outcome::Reply(Arc::new(result))
+    }
+}
+
 async fn expired(ctx: &RequestCtx, delivery: &Delivery) {
     tracing::debug!("deadline passed before work started, dropping");
     ctx.metrics.expired.inc();
@@ -146,28 +156,33 @@ async fn expired(ctx: &RequestCtx, delivery: &Delivery) {
 /// Evaluate under single-flight: a duplicate arriving meanwhile joins this computation. Returns
 /// the outcome and whether it was someone else's computation (a replay).
 async fn once(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8], key: String) -> (Outcome, bool) {
+    let ran_here = AtomicBool::new(false);
     let compute = async {
+        ran_here.store(true, Ordering::Relaxed);
         match evaluate(ctx, meta, body).await {
-            Outcome::Reply(r) if cacheable(&r) => Ok(Arc::new(r)),
+            Outcome::Reply(r) if cacheable(&r) => Ok(r),
             other => Err(other),
         }
     };
     match ctx.idempotency.single_flight(key, compute).await {
-        Ok((reply, fresh)) => (Outcome::Reply((*reply).clone()), !fresh),
-        Err(shared) => ((*shared).clone(), false),
+        Ok((reply, fresh)) => (Outcome::Reply(reply), !fresh),
+        Err(shared) if ran_here.load(Ordering::Relaxed) => ((*shared).clone(), false),
+        // Another copy's outcome that was about its own moment (its deadline, the drain): this
+        // copy, with its own deadline, is judged on its own.
+        Err(_) => (evaluate(ctx, meta, body).await, false),
     }
 }
 
 /// The contract's checks in order, then the method itself.
 async fn evaluate(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8]) -> Outcome {
     if meta.correlation_id.is_none() {
-        return Outcome::Reply(Err(RequestError::new(
+        return Outcome::reply(Err(RequestError::new(
             ErrorCode::InvalidArgument,
             "missing correlation_id: set it so the reply can be matched to the request",
         )));
     }
     if body.len() > ctx.max_body_bytes {
-        return Outcome::Reply(Err(RequestError::new(
+        return Outcome::reply(Err(RequestError::new(
             ErrorCode::ResourceExhausted,
             format!(
                 "request body is {} bytes, over the limit of {} bytes",
@@ -177,7 +192,7 @@ async fn evaluate(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8]) -> Outcome 
         )));
     }
     let Some(method) = ctx.methods.get(&meta.method) else {
-        return Outcome::Reply(Err(RequestError::new(
+        return Outcome::reply(Err(RequestError::new(
             ErrorCode::UnknownMethod,
             format!(
                 "unknown method {:?}; this server has: {}",
@@ -189,8 +204,8 @@ async fn evaluate(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8]) -> Outcome 
     let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| method.prepare(body)))
         .unwrap_or_else(|_| Err(panicked()));
     match prepared {
-        Err(e) => Outcome::Reply(Err(e)),
-        Ok(Work::Done(answer)) => Outcome::Reply(Ok(answer)),
+        Err(e) => Outcome::reply(Err(e)),
+        Ok(Work::Done(answer)) => Outcome::reply(Ok(answer)),
         Ok(Work::Heavy(work)) => run_heavy(ctx, meta, work).await,
     }
 }
@@ -206,7 +221,7 @@ async fn run_heavy(
         .remaining(now_epoch_ms())
         .map(|left| tokio::time::Instant::now() + left.saturating_sub(REPLY_MARGIN));
     let too_late = || {
-        Outcome::Reply(Err(RequestError::new(
+        Outcome::reply(Err(RequestError::new(
             ErrorCode::DeadlineExceeded,
             "the work could not finish before the request's deadline",
         )))
@@ -234,9 +249,9 @@ async fn run_heavy(
     });
     match until(give_up_at, task).await {
         None => too_late(),
-        Some(Ok(result)) => Outcome::Reply(result),
-        Some(Err(join)) if join.is_panic() => Outcome::Reply(Err(panicked())),
-        Some(Err(join)) => Outcome::Reply(Err(RequestError::new(
+        Some(Ok(result)) => Outcome::reply(result),
+        Some(Err(join)) if join.is_panic() => Outcome::reply(Err(panicked())),
+        Some(Err(join)) => Outcome::reply(Err(RequestError::new(
             ErrorCode::Internal,
             format!("handler task failed: {join}"),
         ))),

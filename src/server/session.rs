@@ -106,6 +106,7 @@ pub(super) async fn serve(
         idempotency: parts.idempotency.clone(),
         max_deliveries: service.max_deliveries,
         dead_letter_queue: service.dead_letter_queue.clone(),
+        session_lost: CancellationToken::new(),
     });
     parts.ready.send_replace(true);
     parts.metrics.connection_up.set(1);
@@ -120,6 +121,7 @@ pub(super) async fn serve(
             biased;
             _ = shutdown.cancelled() => break None,
             _ = beat.tick() => parts.liveness.beat(),
+            _ = ctx.session_lost.cancelled() => break Some("a reply could not be published".to_owned()),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     tracker.spawn(request::handle(ctx.clone(), delivery));
@@ -140,11 +142,13 @@ pub(super) async fn serve(
         return End::Lost(reason);
     }
 
+    // One deadline bounds the whole drain, so shutdown never outlasts the grace period (and
+    // systemd's TimeoutStopSec above it), even on a half-dead socket.
     let grace = Duration::from_secs(parts.config.shutdown.grace_secs);
+    let deadline = tokio::time::Instant::now() + grace;
     tracing::info!(in_flight = tracker.len(), ?grace, "draining");
-    let _ = consume
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await;
+    let cancel = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+    let _ = tokio::time::timeout_at(deadline, cancel).await;
     // Deliveries already pushed to us but not started go back to the queue for another worker.
     let give_back = async {
         let mut returned = 0u32;
@@ -155,12 +159,14 @@ pub(super) async fn serve(
         }
         returned
     };
-    if let Ok(returned) = tokio::time::timeout(grace, give_back).await {
+    if let Ok(returned) = tokio::time::timeout_at(deadline, give_back).await {
         if returned > 0 {
             tracing::info!(returned, "requeued deliveries that had not started");
         }
     }
-    let drained = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
+    let drained = tokio::time::timeout_at(deadline, tracker.wait())
+        .await
+        .is_ok();
     let unfinished = tracker.len();
     close(conn).await;
     End::Shutdown(if drained {
