@@ -21,7 +21,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation};
 use num_bigint::BigUint;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -212,9 +212,10 @@ impl Client {
         let mut backoff = RETRY_INITIAL_BACKOFF;
         loop {
             let attempt = self.attempt(method, body, deadline, deadline_ms, &message_id);
-            let result = tokio::time::timeout_at(deadline, attempt)
-                .await
-                .unwrap_or(Err(CallError::Timeout(options.timeout)));
+            let result = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Err(CallError::Timeout(_))) | Err(_) => Err(CallError::Timeout(options.timeout)),
+                Ok(result) => result,
+            };
             let pause = jittered(backoff);
             let retry = match &result {
                 // The next attempt must still start inside the window, so "nobody serves this"
@@ -275,17 +276,21 @@ impl Client {
             )
             .await
             .map_err(|_| CallError::ConnectionLost)?;
-        // The confirm is awaited in its own task: a call that times out must not drop it, or
-        // lapin keeps every dropped confirm until the channel's next error.
-        let (confirmed, confirmation) = oneshot::channel();
-        tokio::spawn(async move {
-            let _ = confirmed.send(confirm.await);
-        });
-        match confirmation
-            .await
-            .map_err(|_| CallError::ConnectionLost)?
-            .map_err(|_| CallError::ConnectionLost)?
-        {
+        // A call whose deadline comes first must not drop its pending confirm (lapin keeps
+        // every dropped one until the channel's next error): it is handed to a task then.
+        // Awaiting it here otherwise keeps a task spawn off every call.
+        let mut confirm = Box::pin(confirm);
+        let confirmation = tokio::select! {
+            biased;
+            confirmation = &mut confirm => confirmation,
+            _ = tokio::time::sleep_until(deadline) => {
+                tokio::spawn(async move {
+                    let _ = confirm.await;
+                });
+                return Err(CallError::Timeout(Duration::ZERO)); // the caller fills in its timeout
+            }
+        };
+        match confirmation.map_err(|_| CallError::ConnectionLost)? {
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
                 return Err(CallError::NoServer {
                     queue: inner.queue.clone(),

@@ -101,12 +101,15 @@ pub(crate) struct Session {
     /// Publishes requests (confirm mode) and consumes direct replies.
     pub channel: Channel,
     probe: tokio::sync::Mutex<Probe>,
+    /// Until when (ms after `born`) the last probe's "has consumers" holds: read without the
+    /// lock, so the common case costs one atomic load per call.
+    probe_ok_until_ms: AtomicU64,
+    born: Instant,
 }
 
 #[derive(Debug, Default)]
 struct Probe {
     channel: Option<Channel>,
-    ok_until: Option<Instant>,
 }
 
 impl Session {
@@ -114,9 +117,13 @@ impl Session {
     /// finds consumers. Probe errors other than "missing" are not fatal: the mandatory flag and
     /// the deadline still bound the call.
     pub async fn check_server(&self, queue: &str) -> Result<(), CallError> {
-        let mut probe = self.probe.lock().await;
-        if probe.ok_until.is_some_and(|t| Instant::now() < t) {
+        let now_ms = |born: Instant| born.elapsed().as_millis() as u64;
+        if now_ms(self.born) < self.probe_ok_until_ms.load(Ordering::Relaxed) {
             return Ok(());
+        }
+        let mut probe = self.probe.lock().await;
+        if now_ms(self.born) < self.probe_ok_until_ms.load(Ordering::Relaxed) {
+            return Ok(()); // another call probed while we waited for the lock
         }
         let channel = match &probe.channel {
             Some(c) if c.status().connected() => c.clone(),
@@ -135,7 +142,8 @@ impl Session {
         match probe_queue(&channel, queue).await {
             Ok(QueueProbe::Consumers(0)) => Err(no_server("the queue has no consumer")),
             Ok(QueueProbe::Consumers(_)) => {
-                probe.ok_until = Some(Instant::now() + PROBE_TTL);
+                let until = now_ms(self.born) + PROBE_TTL.as_millis() as u64;
+                self.probe_ok_until_ms.store(until, Ordering::Relaxed);
                 Ok(())
             }
             Ok(QueueProbe::Missing) => {
@@ -180,6 +188,8 @@ async fn open(conn: Connection) -> Result<(Arc<Session>, Consumer), (Connection,
                 conn,
                 channel,
                 probe: tokio::sync::Mutex::new(Probe::default()),
+                probe_ok_until_ms: AtomicU64::new(0),
+                born: Instant::now(),
             }),
             consumer,
         )),
