@@ -9,10 +9,7 @@ use amqp_rpc::service::fib::fib_decimal;
 use amqp_rpc::CallError;
 use common::*;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::BasicProperties;
 
 #[tokio::test]
@@ -88,15 +85,7 @@ async fn no_server_when_queue_missing_is_fast() {
 #[tokio::test]
 async fn no_server_when_queue_has_no_consumer_is_fast() {
     let queue = unique_queue("noconsumer");
-    let conn = raw_connection().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let _declared = declare_queue(&queue).await;
     let client = client(&queue, Duration::from_secs(10)).await;
     let t0 = Instant::now();
     let err = client.call("fib", b"10").await.unwrap_err();
@@ -124,33 +113,10 @@ async fn no_server_when_queue_vanishes_after_a_good_probe() {
     assert!(t0.elapsed() < Duration::from_secs(2));
 }
 
-/// A server that takes requests and never answers; hands back what it took.
-async fn stalled_server(queue: &str) -> (lapin::Connection, lapin::Consumer) {
-    let conn = raw_connection().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let consumer = ch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    (conn, consumer)
-}
-
 #[tokio::test]
 async fn timeout_against_a_stalled_server() {
     let queue = unique_queue("stalled");
-    let (_conn, mut requests) = stalled_server(&queue).await;
+    let (_conn, _ch, mut requests) = stalled_server(&queue, None).await;
     let client = client(&queue, Duration::from_secs(10)).await;
     let t0 = Instant::now();
     let err = client
@@ -183,7 +149,7 @@ async fn timeout_against_a_stalled_server() {
 #[tokio::test]
 async fn late_and_duplicate_replies_are_dropped_and_counted() {
     let queue = unique_queue("late");
-    let (conn, mut requests) = stalled_server(&queue).await;
+    let (conn, _ch, mut requests) = stalled_server(&queue, None).await;
     let replier = conn.create_channel().await.unwrap();
     let client = client(&queue, Duration::from_secs(10)).await;
 

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 use common::broker::PrivateBroker;
 use common::child::*;
 use common::*;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use tokio::io::AsyncReadExt;
 
 /// The value of one sample line of a scrape (`name{labels} value`).
@@ -29,25 +27,8 @@ fn sample(scrape: &str, series: &str) -> Option<f64> {
 async fn metrics_count_known_traffic() {
     let queue = unique_queue("metrics");
     // A redelivery: a raw consumer takes a request and goes away without acking it.
-    let conn = raw_connection().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let (conn, _ch, mut taker) = stalled_server(&queue, None).await;
     let mut raw = RawRequester::new().await;
-    let mut taker = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     raw.publish(&queue, b"9", raw.props("redelivered")).await;
     use futures_util::StreamExt;
     taker.next().await.unwrap().unwrap();

@@ -68,8 +68,16 @@ if cargo nextest --version >/dev/null 2>&1; then
     step "cargo test --doc ${doc_args[*]}"
     cargo test --doc "${doc_args[@]}"
 
-    step "cargo nextest run --no-fail-fast $*"
-    cargo nextest run --no-fail-fast "$@"
+    if [ $# -eq 0 ]; then
+        # Memory is measured on a quiet machine, like a benchmark: alone, before the rest.
+        step "cargo nextest run -E 'binary(memory)' (alone)"
+        cargo nextest run -E 'binary(memory)'
+        step "cargo nextest run --no-fail-fast -E 'not binary(memory)'"
+        cargo nextest run --no-fail-fast -E 'not binary(memory)'
+    else
+        step "cargo nextest run --no-fail-fast $*"
+        cargo nextest run --no-fail-fast "$@"
+    fi
 else
     step "cargo test --no-fail-fast $* (cargo-nextest not installed)"
     cargo test --no-fail-fast "$@"

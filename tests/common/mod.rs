@@ -182,6 +182,39 @@ pub async fn raw_connection() -> Connection {
         .expect("raw connection")
 }
 
+/// Declare `queue` as the tutorial does (classic, non-durable) on a fresh connection.
+pub async fn declare_queue(queue: &str) -> (Connection, Channel) {
+    let conn = raw_connection().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    (conn, ch)
+}
+
+/// A server that takes requests and never answers (`prefetch` bounds how many it holds);
+/// returns its connection and the consumer of what it took.
+pub async fn stalled_server(queue: &str, prefetch: Option<u16>) -> (Connection, Channel, Consumer) {
+    let (conn, ch) = declare_queue(queue).await;
+    if let Some(n) = prefetch {
+        ch.basic_qos(n, Default::default()).await.unwrap();
+    }
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (conn, ch, consumer)
+}
+
 /// Ready messages in `queue` (passive declare on a fresh connection).
 pub async fn queue_message_count(queue: &str) -> u32 {
     let conn = raw_connection().await;

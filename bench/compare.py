@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""Compare amqp-rpc with a bare lapin echo and the RabbitMQ tutorial's pika RPC, in one run.
+
+Systems (each on its own, uniquely named queue of the broker at AMQP_URL):
+  rpc   target/release/amqp-rpcd --config config.toml, driven by `amqp-rpc bench` (fib, --arg)
+  bare  target/release/examples/bare_echo server, driven by `bare_echo bench` (echoes the body)
+  pika  tests/interop/tutorial_server.py (prefetch 1, recursive fib), driven by
+        bench/pika_bench.py (N tutorial clients, one process each)
+
+For each concurrency the systems run in alternating order (rpc, bare, pika, rpc, bare, pika,
+...), --runs times each; the tables show the median of calls/s, p50 and p99 per system, plus
+the CPU used by each server process and by the broker during the runs, and the resident memory
+of the servers at the end.
+
+Builds nothing: run `cargo build --release --bins --examples` first. Python 3 stdlib only
+(the pika system needs the `pika` package, like tests/interop).
+
+    python3 bench/compare.py                                    # everything, defaults
+    python3 bench/compare.py --duration 8s --warmup 2s --concurrency 1 64
+    python3 bench/compare.py --queue-type quorum                # amqp-rpc only (see --help)
+"""
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RPCD = os.path.join(ROOT, 'target/release/amqp-rpcd')
+RPC = os.path.join(ROOT, 'target/release/amqp-rpc')
+BARE = os.path.join(ROOT, 'target/release/examples/bare_echo')
+TUTORIAL_SERVER = os.path.join(ROOT, 'tests/interop/tutorial_server.py')
+PIKA_BENCH = os.path.join(ROOT, 'bench/pika_bench.py')
+CONFIG = os.path.join(ROOT, 'config.toml')
+DEFAULT_URL = 'amqp://guest:guest@127.0.0.1:5672/%2f'
+CLK_TCK = os.sysconf('SC_CLK_TCK')
+NAMES = {'rpc': 'amqp-rpc', 'bare': 'bare echo', 'pika': 'pika tutorial'}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def parse_duration(s):
+    m = re.fullmatch(r'\s*([0-9.]+)\s*(ms|s|m|)\s*', s)
+    if not m:
+        raise argparse.ArgumentTypeError(f'bad duration {s!r}')
+    return float(m.group(1)) * {'ms': 0.001, 's': 1.0, 'm': 60.0, '': 1.0}[m.group(2)]
+
+
+def fmt_dur(secs):
+    return f'{int(secs * 1000)}ms' if secs < 1 or secs != int(secs) else f'{int(secs)}s'
+
+
+# --- /proc sampling -----------------------------------------------------------------------
+
+def proc_cpu_ticks(pid):
+    """utime + stime of a process, in clock ticks (None if it is gone)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            s = f.read()
+    except OSError:
+        return None
+    fields = s[s.rindex(')') + 2:].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+
+
+def proc_rss_kib(pid):
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def machine_ticks():
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open('/proc/stat') as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    total = sum(v[:8])
+    return total - idle, total
+
+
+def broker_pid():
+    try:
+        out = subprocess.run(['rabbitmqctl', 'status'], capture_output=True, text=True,
+                             timeout=30).stdout
+        m = re.search(r'OS PID:\s*(\d+)', out)
+        if m:
+            return int(m.group(1))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    out = subprocess.run(['pgrep', '-f', 'beam.smp.*rabbit'], capture_output=True,
+                         text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+# --- servers ------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process whose stderr goes to a temp file, ready when `ready()` says so."""
+
+    def __init__(self, name, argv, env, ready, stdout=subprocess.DEVNULL, timeout=30):
+        self.name = name
+        self.errfile = tempfile.NamedTemporaryFile(prefix=f'bench-{name}-', suffix='.log',
+                                                   delete=False)
+        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=stdout,
+                                     stderr=self.errfile, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not ready(self):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f'{name} did not become ready; its log:\n{self.log()}')
+            time.sleep(0.1)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        with open(self.errfile.name, errors='replace') as f:
+            return f.read()[-4000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.errfile.close()
+        try:
+            os.unlink(self.errfile.name)
+        except OSError:
+            pass
+
+
+def start_rpcd(queue, queue_type, url):
+    port = free_port()
+    env = dict(os.environ, AMQP_RPC__AMQP__URL=url, AMQP_RPC__SERVICE__QUEUE=queue,
+               AMQP_RPC__SERVICE__QUEUE_TYPE=queue_type,
+               AMQP_RPC__HTTP__LISTEN=f'127.0.0.1:{port}')
+
+    def ready(_):
+        try:
+            with urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    return Server('amqp-rpcd', [RPCD, '--config', CONFIG], env, ready)
+
+
+def start_bare(queue, url):
+    env = dict(os.environ, AMQP_URL=url)
+    return Server('bare_echo', [BARE, 'server', '--queue', queue], env,
+                  lambda s: 'bare echo serving' in s.log())
+
+
+def start_pika_server(queue, host, port):
+    env = dict(os.environ, AMQP_HOST=host, AMQP_PORT=str(port), RPC_QUEUE=queue)
+    # The tutorial server prints a line per request, so its stdout goes to /dev/null; it is
+    # ready when its queue has a consumer.
+    return Server('tutorial_server', [sys.executable, TUTORIAL_SERVER], env,
+                  lambda s: queue_consumers(queue, host, port) >= 1)
+
+
+CONSUMERS = """
+import sys, pika
+c = pika.BlockingConnection(pika.ConnectionParameters(host=sys.argv[2], port=int(sys.argv[3])))
+print(c.channel().queue_declare(queue=sys.argv[1], passive=True).method.consumer_count)
+"""
+
+
+def queue_consumers(queue, host, port):
+    r = subprocess.run([sys.executable, '-c', CONSUMERS, queue, host, str(port)],
+                       capture_output=True, text=True, timeout=30)
+    try:
+        return int(r.stdout.strip())
+    except ValueError:
+        return 0
+
+
+# --- one measured run ---------------------------------------------------------------------
+
+def run_client(system, queue, conc, a, url, host, port):
+    common = ['--concurrency', str(conc), '--duration', fmt_dur(a.duration),
+              '--warmup', fmt_dur(a.warmup), '--json']
+    env = dict(os.environ, AMQP_URL=url)
+    if system == 'rpc':
+        argv = [RPC, 'bench', '--queue', queue, '--arg', a.arg] + common
+    elif system == 'bare':
+        argv = [BARE, 'bench', '--queue', queue, '--arg', a.arg] + common
+    else:
+        argv = [sys.executable, PIKA_BENCH, '--queue', queue, '--arg', a.arg] + common
+        env.update(AMQP_HOST=host, AMQP_PORT=str(port))
+    r = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=a.duration + a.warmup + 120)
+    lines = [l for l in r.stdout.splitlines() if l.strip()]
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f'{system} bench failed (exit {r.returncode}):\n'
+                           f'{r.stdout[-2000:]}\n{r.stderr[-2000:]}')
+
+
+def measure(system, queue, conc, a, url, host, port, server_pid, broker):
+    """Run one bench; add CPU of the server, the broker, the client and the machine."""
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    s0 = proc_cpu_ticks(server_pid) if server_pid else None
+    b0 = proc_cpu_ticks(broker) if broker else None
+    m0 = machine_ticks()
+    t0 = time.monotonic()
+    rep = run_client(system, queue, conc, a, url, host, port)
+    wall = time.monotonic() - t0
+    m1 = machine_ticks()
+    s1 = proc_cpu_ticks(server_pid) if server_pid else None
+    b1 = proc_cpu_ticks(broker) if broker else None
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def pct(x0, x1):
+        return None if x0 is None or x1 is None else 100.0 * (x1 - x0) / CLK_TCK / wall
+    rep['server_cpu_pct'] = pct(s0, s1)
+    rep['broker_cpu_pct'] = pct(b0, b1)
+    rep['client_cpu_pct'] = 100.0 * ((ru1.ru_utime + ru1.ru_stime) -
+                                     (ru0.ru_utime + ru0.ru_stime)) / wall
+    busy = m1[0] - m0[0]
+    total = m1[1] - m0[1]
+    rep['machine_busy_pct'] = 100.0 * os.cpu_count() * busy / total if total else None
+    rep['server_rss_kib'] = proc_rss_kib(server_pid) if server_pid else None
+    rep['wall_secs'] = wall
+    return rep
+
+
+# --- report -------------------------------------------------------------------------------
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def f_int(x):
+    return '–' if x is None else f'{x:,.0f}'
+
+
+def f_pct(x):
+    return '–' if x is None else f'{x:.0f}%'
+
+
+def f_mib(kib):
+    return '–' if kib is None else f'{kib / 1024:.1f} MiB'
+
+
+def f_ratio(x):
+    return '–' if x is None else f'{x:.2f}×'
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def verdict(ok):
+    return '–' if ok is None else ('**met**' if ok else '**not met**')
+
+
+def report(results, concs, systems, a, meta):
+    out = []
+    p = out.append
+    p(f"## Results ({meta['queue_type']} queue, median of {a.runs} runs, "
+      f"{fmt_dur(a.duration)} measured after {fmt_dur(a.warmup)} warm-up, arg {a.arg})")
+    p('')
+    p('Latencies in µs. CPU in % of one core over the whole client run (warm-up included); '
+      f"the machine has {os.cpu_count()} cores, so 100% × {os.cpu_count()} is all of it. "
+      '"server" is amqp-rpcd, the bare echo server or the tutorial server; "client" is the '
+      'bench process (all its processes for pika); "machine" is all CPU use, including '
+      'other programs. RSS is the server\'s VmRSS after its last run at that concurrency. '
+      'calls/s range is min–max of the runs.')
+    p('')
+    p('| conc | system | calls/s | calls/s range | p50 | p99 | errors | server CPU | '
+      'broker CPU | client CPU | machine | server RSS |')
+    p('|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+    med_tab = {}
+    for c in concs:
+        for s in systems:
+            runs = results.get((s, c))
+            if not runs:
+                continue
+            m = {k: med([r.get(k) for r in runs]) for k in
+                 ('calls_per_sec', 'p50_us', 'p99_us', 'server_cpu_pct', 'broker_cpu_pct',
+                  'client_cpu_pct', 'machine_busy_pct')}
+            m['errors'] = sum(r['errors'] for r in runs)
+            m['rss'] = runs[-1].get('server_rss_kib')
+            cps = [r['calls_per_sec'] for r in runs]
+            med_tab[(s, c)] = m
+            p(f"| {c} | {NAMES[s]} | {f_int(m['calls_per_sec'])} | "
+              f"{f_int(min(cps))}–{f_int(max(cps))} | {f_int(m['p50_us'])} | "
+              f"{f_int(m['p99_us'])} | {m['errors']} | {f_pct(m['server_cpu_pct'])} | "
+              f"{f_pct(m['broker_cpu_pct'])} | {f_pct(m['client_cpu_pct'])} | "
+              f"{f_pct(m['machine_busy_pct'])} | "
+              f"{f_mib(m['rss'])} |")
+    p('')
+
+    if 'bare' in systems:
+        p('## amqp-rpc ÷ bare echo (medians)')
+        p('')
+        p('| conc | calls/s | p50 | p99 |')
+        p('|---:|---:|---:|---:|')
+        for c in concs:
+            r, b = med_tab.get(('rpc', c)), med_tab.get(('bare', c))
+            if r and b:
+                p(f"| {c} | {f_ratio(ratio(r['calls_per_sec'], b['calls_per_sec']))} | "
+                  f"{f_ratio(ratio(r['p50_us'], b['p50_us']))} | "
+                  f"{f_ratio(ratio(r['p99_us'], b['p99_us']))} |")
+        p('')
+    if 'pika' in systems:
+        p('## amqp-rpc ÷ pika tutorial (medians)')
+        p('')
+        p('| conc | calls/s | p50 | p99 |')
+        p('|---:|---:|---:|---:|')
+        for c in concs:
+            r, k = med_tab.get(('rpc', c)), med_tab.get(('pika', c))
+            if r and k:
+                p(f"| {c} | {f_ratio(ratio(r['calls_per_sec'], k['calls_per_sec']))} | "
+                  f"{f_ratio(ratio(r['p50_us'], k['p50_us']))} | "
+                  f"{f_ratio(ratio(r['p99_us'], k['p99_us']))} |")
+        p('')
+
+    def get(s, c, k):
+        m = med_tab.get((s, c))
+        return m and m[k]
+    targets = [
+        ('64 in flight: amqp-rpc calls/s ≥ 1.2× bare echo', 1.2, '≥',
+         ratio(get('rpc', 64, 'calls_per_sec'), get('bare', 64, 'calls_per_sec'))),
+        ('one at a time: amqp-rpc p50 ≤ 1.15× bare echo', 1.15, '≤',
+         ratio(get('rpc', 1, 'p50_us'), get('bare', 1, 'p50_us'))),
+        ('one at a time: amqp-rpc p99 ≤ 2× bare echo', 2.0, '≤',
+         ratio(get('rpc', 1, 'p99_us'), get('bare', 1, 'p99_us'))),
+        ('8 callers: amqp-rpc calls/s ≥ 10× pika tutorial', 10.0, '≥',
+         ratio(get('rpc', 8, 'calls_per_sec'), get('pika', 8, 'calls_per_sec'))),
+    ]
+    if all(v is None for *_, v in targets):
+        return '\n'.join(out)
+    p('## Targets')
+    p('')
+    p('| target | measured | verdict |')
+    p('|---|---:|---|')
+    for name, goal, op, v in targets:
+        ok = None if v is None else (v >= goal if op == '≥' else v <= goal)
+        p(f'| {name} | {f_ratio(v)} | {verdict(ok)} |')
+    p('')
+    return '\n'.join(out)
+
+
+# --- main ---------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split('\n\n', 1)[1])
+    ap.add_argument('--url', default=os.environ.get('AMQP_URL', DEFAULT_URL))
+    ap.add_argument('--concurrency', type=int, nargs='+', default=[1, 8, 64, 256],
+                    help='calls in flight (default: 1 8 64 256)')
+    ap.add_argument('--pika-concurrency', type=int, nargs='*', default=[1, 8],
+                    help='concurrencies at which the pika system runs, as that many client '
+                         'processes (default: 1 8; empty list: never)')
+    ap.add_argument('--systems', nargs='+', choices=['rpc', 'bare', 'pika'],
+                    default=['rpc', 'bare', 'pika'])
+    ap.add_argument('--runs', type=int, default=3, help='runs per system and concurrency')
+    ap.add_argument('--duration', type=parse_duration, default=5.0, help='measured, e.g. 5s')
+    ap.add_argument('--warmup', type=parse_duration, default=1.0, help='unrecorded, e.g. 1s')
+    ap.add_argument('--arg', default='10', help='request body: fib(n) for rpc and pika; '
+                                                'echoed by bare')
+    ap.add_argument('--queue-type', choices=['classic', 'quorum'], default='classic',
+                    help='amqp-rpcd service.queue_type. With quorum only amqp-rpc is measured:'
+                         ' the bare echo server and the tutorial server declare classic '
+                         'non-durable queues and would fail with PRECONDITION_FAILED on a '
+                         'quorum queue.')
+    a = ap.parse_args()
+
+    missing = [p for p in (RPCD, RPC, BARE) if not os.access(p, os.X_OK)]
+    if missing:
+        log('missing binaries:\n  ' + '\n  '.join(missing) +
+            '\nbuild them first:  cargo build --release --bins --examples')
+        return 2
+    systems = list(a.systems)
+    if a.queue_type == 'quorum':
+        dropped = [s for s in systems if s != 'rpc']
+        if dropped:
+            log(f'quorum: measuring amqp-rpc only (skipping {", ".join(dropped)})')
+        systems = ['rpc']
+    if 'pika' in systems:
+        try:
+            subprocess.run([sys.executable, '-c', 'import pika'], check=True,
+                           capture_output=True)
+        except subprocess.CalledProcessError:
+            log('python module pika missing (pip install pika); skipping the pika system')
+            systems.remove('pika')
+    if not shutil.which('rabbitmqctl'):
+        log('note: rabbitmqctl not found; queues will not be deleted at the end')
+
+    u = urllib.parse.urlparse(a.url.split(',')[0])
+    host, port = u.hostname or 'localhost', u.port or 5672
+    tag = f'{os.getpid()}_{int(time.time())}'
+    queues = {s: f'bench_{s}_{tag}' for s in systems}
+    broker = broker_pid()
+    if broker is None:
+        log('note: broker pid not found; broker CPU will not be reported')
+
+    meta = {'queue_type': a.queue_type}
+    servers = {}
+    results = {}
+    t_begin = time.monotonic()
+    try:
+        for s in systems:
+            if s == 'rpc':
+                servers[s] = start_rpcd(queues[s], a.queue_type, a.url)
+            elif s == 'bare':
+                servers[s] = start_bare(queues[s], a.url)
+            else:
+                servers[s] = start_pika_server(queues[s], host, port)
+            log(f'{NAMES[s]} serving on {queues[s]} (pid {servers[s].pid})')
+
+        for c in a.concurrency:
+            sys_c = [s for s in systems if s != 'pika' or c in (a.pika_concurrency or [])]
+            for i in range(a.runs):
+                for s in sys_c:
+                    srv = servers[s]
+                    rep = measure(s, queues[s], c, a, a.url, host, port,
+                                  srv.pid, broker)
+                    results.setdefault((s, c), []).append(rep)
+                    log(f'c={c:<4} run {i + 1}/{a.runs} {NAMES[s]:<13} '
+                        f"{rep['calls_per_sec']:>9.0f} calls/s  p50 {rep['p50_us']:>6}us  "
+                        f"p99 {rep['p99_us']:>6}us  err {rep['errors']}  "
+                        f"srv {f_pct(rep['server_cpu_pct'])} "
+                        f"broker {f_pct(rep['broker_cpu_pct'])} "
+                        f"client {f_pct(rep['client_cpu_pct'])} "
+                        f"machine {f_pct(rep['machine_busy_pct'])}")
+                    if rep['errors']:
+                        log(f"  error kinds: {rep.get('error_kinds')}")
+    finally:
+        for s, srv in servers.items():
+            srv.stop()
+        if shutil.which('rabbitmqctl'):
+            for q in queues.values():
+                subprocess.run(['rabbitmqctl', 'delete_queue', q, '-q'],
+                               capture_output=True, timeout=60)
+    took = time.monotonic() - t_begin
+    print(report(results, a.concurrency, systems, a, meta))
+    print(f'_Run took {took / 60:.1f} min._')
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
