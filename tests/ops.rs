@@ -63,8 +63,12 @@ async fn metrics_count_known_traffic() {
     for _ in 0..(5 + 4) {
         raw.next_reply(Duration::from_secs(10)).await;
     }
-    wait_until(Duration::from_secs(10), "all counted", || {
-        daemon.requests_sum() == 1 + 5 + 2 + 4
+    // A request is counted when its reply is confirmed, and timed once it is acked: wait for
+    // both.
+    wait_until(Duration::from_secs(10), "all counted and timed", || {
+        let timed = daemon.metrics.duration_for("fib").get_sample_count()
+            + daemon.metrics.duration_for("unknown").get_sample_count();
+        daemon.requests_sum() == 1 + 5 + 2 + 4 && timed == 12
     })
     .await;
 
