@@ -320,20 +320,19 @@ def report(results, concs, systems, a, meta):
               f"{f_mib(m['rss'])} |")
     p('')
 
-    if 'bare' in systems:
-        p('## amqp-rpc ÷ bare echo (medians)')
+    for other, title in (('bare', 'bare echo'), ('pika', 'pika tutorial')):
+        if other not in systems:
+            continue
+        p(f'## amqp-rpc ÷ {title} (medians)')
         p('')
         p('| conc | calls/s | p50 | p99 |')
         p('|---:|---:|---:|---:|')
         for c in concs:
-            r, b = med_tab.get(('rpc', c)), med_tab.get(('bare', c))
-            if r and b:
-                p(f"| {c} | {f_ratio(ratio(r['calls_per_sec'], b['calls_per_sec']))} | "
-                  f"{f_ratio(ratio(r['p50_us'], b['p50_us']))} | "
-                  f"{f_ratio(ratio(r['p99_us'], b['p99_us']))} |")
-        p('')
-    if 'pika' in systems:
-        p('## amqp-rpc ÷ pika tutorial (medians)')
+            r, o = med_tab.get(('rpc', c)), med_tab.get((other, c))
+            if r and o:
+                p(f"| {c} | {f_ratio(ratio(r['calls_per_sec'], o['calls_per_sec']))} | "
+                  f"{f_ratio(ratio(r['p50_us'], o['p50_us']))} | "
+                  f"{f_ratio(ratio(r['p99_us'], o['p99_us']))} |")
         p('')
         p('| conc | calls/s | p50 | p99 |')
         p('|---:|---:|---:|---:|')

@@ -46,10 +46,13 @@ async fn ride_out(fault: Fault, load_for: Duration) {
     let mut config = test_config(&queue);
     config.amqp = amqp(&broker);
     let (daemon, mut ready) = TestDaemon::spawn(config, None).await;
-    tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
-        .await
-        .expect("daemon ready on the private broker")
-        .unwrap();
+    readiness_becomes(
+        &mut ready,
+        true,
+        Duration::from_secs(20),
+        "daemon ready on the private broker",
+    )
+    .await;
     let client = Client::builder(broker.url())
         .queue(queue.as_str())
         .timeout(CALL_TIMEOUT)
@@ -82,10 +85,13 @@ async fn ride_out(fault: Fault, load_for: Duration) {
         Fault::StopApp => broker.stop_app().await,
         Fault::Kill9 => broker.kill9(),
     }
-    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| !*r))
-        .await
-        .expect("readiness drops with the broker")
-        .unwrap();
+    readiness_becomes(
+        &mut ready,
+        false,
+        Duration::from_secs(10),
+        "readiness drops with the broker",
+    )
+    .await;
     eprintln!("readiness dropped {:?} after the fault", t0.elapsed());
     match fault {
         Fault::StopApp => broker.start_app().await,
@@ -93,10 +99,13 @@ async fn ride_out(fault: Fault, load_for: Duration) {
     }
     eprintln!("broker back after {:?}", broker.boot_time);
     let back = Instant::now();
-    tokio::time::timeout(RECOVERY_LIMIT, ready.wait_for(|r| *r))
-        .await
-        .expect("ready again within 10 s of the broker's return")
-        .unwrap();
+    readiness_becomes(
+        &mut ready,
+        true,
+        RECOVERY_LIMIT,
+        "ready again within 10 s of the broker's return",
+    )
+    .await;
     let recovery = back.elapsed();
     eprintln!("RECOVERY: daemon ready {recovery:?} after the broker returned");
 

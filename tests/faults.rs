@@ -28,10 +28,13 @@ async fn daemon_boots_before_the_broker_and_connects_when_it_appears() {
     assert!(!*ready.borrow(), "nothing listens yet");
     // The broker "appears": a proxy to it starts listening on the daemon's address.
     let _proxy = Proxy::start(addr, broker_addr(&amqp_url())).await;
-    tokio::time::timeout(Duration::from_secs(15), ready.wait_for(|r| *r))
-        .await
-        .expect("ready once the broker is reachable")
-        .unwrap();
+    readiness_becomes(
+        &mut ready,
+        true,
+        Duration::from_secs(15),
+        "ready once the broker is reachable",
+    )
+    .await;
     let client = client(&queue, Duration::from_secs(5)).await;
     assert_eq!(client.fib(12).await.unwrap().to_string(), "144");
     daemon.stop().await.unwrap();
@@ -54,19 +57,25 @@ async fn daemon_reconnects_after_a_network_cut() {
     let mut config = test_config(&queue);
     config.amqp.url = proxy.url(&amqp_url());
     let (daemon, mut ready) = TestDaemon::spawn(config, None).await;
-    ready.wait_for(|r| *r).await.unwrap();
+    readiness_becomes(&mut ready, true, Duration::from_secs(20), "daemon ready").await;
     let client = client(&queue, Duration::from_secs(10)).await;
     assert_eq!(client.fib(10).await.unwrap().to_string(), "55");
 
     proxy.cut_all();
-    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| !*r))
-        .await
-        .expect("readiness drops on the cut")
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
-        .await
-        .expect("ready again after reconnecting")
-        .unwrap();
+    readiness_becomes(
+        &mut ready,
+        false,
+        Duration::from_secs(10),
+        "readiness drops on the cut",
+    )
+    .await;
+    readiness_becomes(
+        &mut ready,
+        true,
+        Duration::from_secs(10),
+        "ready again after reconnecting",
+    )
+    .await;
     assert_eq!(daemon.metrics.reconnects.get(), 1);
     assert_eq!(client.fib(11).await.unwrap().to_string(), "89");
     daemon.stop().await.unwrap();
@@ -82,14 +91,17 @@ async fn daemon_detects_a_blackholed_broker_by_heartbeat_and_recovers() {
     config.amqp.heartbeat_secs = 1;
     config.amqp.connect_timeout_secs = 1;
     let (daemon, mut ready) = TestDaemon::spawn(config, None).await;
-    ready.wait_for(|r| *r).await.unwrap();
+    readiness_becomes(&mut ready, true, Duration::from_secs(20), "daemon ready").await;
 
     proxy.set_blackhole(true);
     let t0 = Instant::now();
-    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| !*r))
-        .await
-        .expect("a silent broker is noticed")
-        .unwrap();
+    readiness_becomes(
+        &mut ready,
+        false,
+        Duration::from_secs(10),
+        "a silent broker is noticed",
+    )
+    .await;
     // Two heartbeat intervals, plus scheduling slack.
     assert!(
         t0.elapsed() < Duration::from_secs(4),
@@ -97,10 +109,13 @@ async fn daemon_detects_a_blackholed_broker_by_heartbeat_and_recovers() {
         t0.elapsed()
     );
     proxy.set_blackhole(false);
-    tokio::time::timeout(Duration::from_secs(15), ready.wait_for(|r| *r))
-        .await
-        .expect("recovers once traffic flows")
-        .unwrap();
+    readiness_becomes(
+        &mut ready,
+        true,
+        Duration::from_secs(15),
+        "recovers once traffic flows",
+    )
+    .await;
     let client = client(&queue, Duration::from_secs(10)).await;
     assert_eq!(client.fib(13).await.unwrap().to_string(), "233");
     daemon.stop().await.unwrap();

@@ -97,7 +97,7 @@ async fn poison_ends_after_max_deliveries(queue_type: QueueType) {
     config.service.dead_letter_queue = dlq.clone();
     let (block, gate) = Block::new();
     let (daemon, mut ready) = TestDaemon::spawn(config, Some(Methods::default().with(block))).await;
-    ready.wait_for(|r| *r).await.unwrap();
+    readiness_becomes(&mut ready, true, Duration::from_secs(20), "daemon ready").await;
 
     let mut raw = RawRequester::new().await;
     let props = raw
@@ -113,14 +113,14 @@ async fn poison_ends_after_max_deliveries(queue_type: QueueType) {
         })
         .await;
         proxy.cut_all();
-        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| !*r))
-            .await
-            .unwrap()
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
-            .await
-            .unwrap()
-            .unwrap();
+        readiness_becomes(
+            &mut ready,
+            false,
+            Duration::from_secs(10),
+            "readiness drops",
+        )
+        .await;
+        readiness_becomes(&mut ready, true, Duration::from_secs(10), "ready again").await;
     }
     let reply = raw.next_reply(Duration::from_secs(10)).await;
     assert_eq!(reply.correlation_id.as_deref(), Some("p"));
@@ -161,16 +161,22 @@ async fn poison_request_ends_after_max_deliveries_on_a_quorum_queue() {
 async fn queue_deleted_under_the_daemon_is_redeclared() {
     let queue = unique_queue("deleted");
     let (daemon, mut ready) = TestDaemon::spawn(test_config(&queue), None).await;
-    ready.wait_for(|r| *r).await.unwrap();
+    readiness_becomes(&mut ready, true, Duration::from_secs(20), "daemon ready").await;
     delete_queue(&queue).await;
-    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| !*r))
-        .await
-        .expect("the cancelled consumer is noticed")
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
-        .await
-        .expect("redeclared and consuming again")
-        .unwrap();
+    readiness_becomes(
+        &mut ready,
+        false,
+        Duration::from_secs(10),
+        "the cancelled consumer is noticed",
+    )
+    .await;
+    readiness_becomes(
+        &mut ready,
+        true,
+        Duration::from_secs(10),
+        "redeclared and consuming again",
+    )
+    .await;
     let client = client(&queue, Duration::from_secs(10)).await;
     assert_eq!(client.fib(16).await.unwrap().to_string(), "987");
     daemon.stop().await.unwrap();

@@ -181,10 +181,13 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
     let mut config = test_config(&queue);
     config.amqp = setup.amqp(true, true);
     let (daemon, mut ready) = TestDaemon::spawn(config, None).await;
-    tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
-        .await
-        .expect("the daemon connects over TLS")
-        .unwrap();
+    readiness_becomes(
+        &mut ready,
+        true,
+        Duration::from_secs(20),
+        "the daemon connects over TLS",
+    )
+    .await;
     let client = amqp_rpc::Client::builder(setup.amqp(true, true).url)
         .amqp(setup.amqp(true, true))
         .queue(queue.as_str())

@@ -49,6 +49,19 @@ pub async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> b
     }
 }
 
+/// Wait until the daemon's readiness is `want`; panics after `limit` with `what`.
+pub async fn readiness_becomes(
+    ready: &mut watch::Receiver<bool>,
+    want: bool,
+    limit: Duration,
+    what: &str,
+) {
+    tokio::time::timeout(limit, ready.wait_for(|r| *r == want))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))
+        .expect("daemon alive");
+}
+
 /// Like [`wait_until`] with an async condition.
 pub async fn wait_until_async<F, Fut>(limit: Duration, what: &str, mut cond: F)
 where
@@ -93,10 +106,7 @@ impl TestDaemon {
     /// Start with extra methods (the standard `fib` is always included).
     pub async fn start_with(config: Config, methods: Option<Methods>) -> Self {
         let (daemon, mut ready) = Self::spawn(config, methods).await;
-        tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| *r))
-            .await
-            .expect("daemon ready within 20s")
-            .expect("daemon alive");
+        readiness_becomes(&mut ready, true, Duration::from_secs(20), "daemon ready").await;
         daemon
     }
 
