@@ -48,13 +48,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The daemon runs as a spawned task, not as the `block_on` future: that one is polled on
+    // the main thread, outside the worker pool, so every delivery its consume loop hands to a
+    // request task would cross threads (a futex wake per request, seen in `perf`). On a worker,
+    // the handoff lands in the same worker's run queue.
     let result = runtime.block_on(async {
         let registry = prometheus::Registry::new();
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let shutdown = shutdown::install().map_err(amqp_rpc::Error::Signals)?;
-        amqp_rpc::run(config, registry, shutdown).await
+        match tokio::spawn(amqp_rpc::run(config, registry, shutdown)).await {
+            Ok(result) => result,
+            Err(panicked) => std::panic::resume_unwind(panicked.into_panic()),
+        }
     });
     // Blocking handler threads may still be computing; do not wait for them.
     runtime.shutdown_background();
