@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
@@ -40,7 +41,7 @@ pub(super) async fn answer(
         // Finished, but the caller has given up: a reply could only arrive late.
         tracing::debug!(outcome, "finished after the deadline, not replying");
         ctx.metrics.request(label, "deadline_exceeded").inc();
-        ack(delivery).await;
+        ack(ctx, delivery);
         return;
     }
     if let Err(e) = result {
@@ -49,7 +50,7 @@ pub(super) async fn answer(
     match publish_reply(ctx, reply_to, meta, result, remaining).await {
         Ok(()) => {
             ctx.metrics.request(label, outcome).inc();
-            ack(delivery).await;
+            ack(ctx, delivery);
         }
         Err(PublishFailure::Nacked) => {
             ctx.metrics.reply_publish_failures.inc();
@@ -185,7 +186,7 @@ pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &D
             ctx.metrics
                 .request(label, ErrorCode::Unavailable.as_str())
                 .inc();
-            ack(delivery).await;
+            ack(ctx, delivery);
             return;
         }
     }
@@ -195,8 +196,19 @@ pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &D
         .await;
 }
 
-pub(super) async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+/// Acknowledge a delivery on the consume channel, without waiting.
+///
+/// lapin's `Acker::ack` goes through its internal RPC task and then waits until the frame is
+/// written: two thread hand-offs per request that tell nothing (the broker never confirms an
+/// ack), seen in profiles as a third of the daemon's wake-ups. `basic_ack` queues the frame on
+/// its first poll, which is all we need: an ack can only be lost with its connection, and then
+/// the broker redelivers the request, which the reply cache answers again.
+pub(super) fn ack(ctx: &RequestCtx, delivery: &Delivery) {
+    let queued = ctx
+        .consume_channel
+        .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+        .now_or_never();
+    if let Some(Err(e)) = queued {
         // The channel died under us; the broker redelivers, and the reply (if any) is a
         // harmless duplicate the caller drops.
         tracing::debug!(error = %e, "ack failed");

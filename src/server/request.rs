@@ -41,6 +41,8 @@ pub struct RequestCtx {
     pub cpu: Arc<Semaphore>,
     /// Channel replies are published on.
     pub reply_channel: Channel,
+    /// The channel deliveries come from, on which they are acked.
+    pub consume_channel: Channel,
     /// Whether `reply_channel` is in confirm mode and confirms are awaited before the ack.
     pub confirm_replies: bool,
     /// Metric handles.
@@ -108,7 +110,7 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
             .rejected
             .with_label_values(&["no_reply_to"])
             .inc();
-        reply::ack(&delivery).await;
+        reply::ack(ctx, &delivery);
         return;
     }
     if meta.expired(now_epoch_ms()) {
@@ -150,7 +152,7 @@ impl Outcome {
 async fn expired(ctx: &RequestCtx, delivery: &Delivery) {
     tracing::debug!("deadline passed before work started, dropping");
     ctx.metrics.expired.inc();
-    reply::ack(delivery).await;
+    reply::ack(ctx, delivery);
 }
 
 /// Evaluate under single-flight: a duplicate arriving meanwhile joins this computation. Returns

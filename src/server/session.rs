@@ -100,6 +100,7 @@ pub(super) async fn serve(
         max_body_bytes: service.max_body_bytes,
         cpu: parts.cpu.clone(),
         reply_channel: reply,
+        consume_channel: consume.clone(),
         confirm_replies: service.confirm_replies,
         metrics: parts.metrics.clone(),
         draining: shutdown.clone(),
