@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use amqp_rpc::client::NO_SERVER_RETRY_WINDOW;
 use amqp_rpc::service::fib::fib_decimal;
 use amqp_rpc::CallError;
 use common::*;
@@ -111,6 +112,38 @@ async fn no_server_when_queue_vanishes_after_a_good_probe() {
     let err = client.call("fib", b"10").await.unwrap_err();
     assert!(err.is_no_server(), "{err:?}");
     assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn idempotent_call_waits_for_a_server_seen_lately_to_come_back() {
+    // A rolling restart, or daemons reconnecting after a broker node failed: the only daemon
+    // stops and another starts later. A client that saw the queue served keeps retrying
+    // `NoServer` up to its deadline instead of failing after the usual one-second window.
+    let queue = unique_queue("comeback");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let client = client(&queue, Duration::from_secs(10)).await;
+    assert_eq!(client.fib(10).await.unwrap().to_string(), "55");
+    daemon.stop().await.unwrap();
+    let t0 = Instant::now();
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.fib(20).await }
+    });
+    // The window is what is under test, so here time itself is the event.
+    tokio::time::sleep(NO_SERVER_RETRY_WINDOW * 2).await;
+    assert!(!call.is_finished(), "still retrying after the window");
+    let _back = TestDaemon::start(test_config(&queue)).await;
+    let answer = tokio::time::timeout(Duration::from_secs(8), call)
+        .await
+        .expect("the call ends by its deadline")
+        .unwrap();
+    assert_eq!(
+        answer.unwrap().to_string(),
+        "6765",
+        "answered by the new daemon"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(client.pending_calls(), 0);
 }
 
 #[tokio::test]

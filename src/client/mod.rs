@@ -42,8 +42,12 @@ use session::{ReplyResult, Session, Shared};
 /// Default per-call timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long an idempotent call keeps retrying `NoServer`.
+/// How long an idempotent call keeps retrying `NoServer`, unless the queue was served lately.
 pub const NO_SERVER_RETRY_WINDOW: Duration = Duration::from_secs(1);
+/// A client that saw the queue served this recently keeps retrying `NoServer` until the
+/// deadline: the servers are most likely reconnecting (a broker node failed over, a rolling
+/// restart), and a call that waits for them beats an error.
+pub const SERVED_RECENTLY: Duration = Duration::from_secs(30);
 const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(25);
 const RETRY_MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How long a call waits for its reply before it looks at its publish confirm: a request the
@@ -206,8 +210,10 @@ impl Client {
     /// Call with explicit options. With `idempotent`, a call that failed on `ConnectionLost`,
     /// `Unavailable` or a remote `unavailable` is sent again (same `message_id`, so a server
     /// that already ran it replays its cached reply) until it succeeds or the deadline comes;
-    /// `NoServer` is retried only during its first [`NO_SERVER_RETRY_WINDOW`], long enough to
-    /// ride out a consumer's reconnect, short enough that "nobody serves this" stays fast.
+    /// `NoServer` is retried during the call's first [`NO_SERVER_RETRY_WINDOW`], so "nobody
+    /// serves this" stays fast; and up to the deadline when this client saw the queue served
+    /// within [`SERVED_RECENTLY`], so a cluster failover or a rolling restart of the servers
+    /// costs waiting, not errors.
     pub async fn call_with(
         &self,
         method: &str,
@@ -236,10 +242,12 @@ impl Client {
             };
             let pause = jittered(backoff);
             let retry = match &result {
-                // The next attempt must still start inside the window, so "nobody serves this"
-                // is reported within about a second.
+                // A queue nobody served lately is reported within about a second (the next
+                // attempt must still start inside the window); one served a moment ago is
+                // waited for, up to the deadline.
                 Err(CallError::NoServer { .. }) => {
                     started.elapsed() + pause < NO_SERVER_RETRY_WINDOW
+                        || self.inner.shared.served_within(SERVED_RECENTLY)
                 }
                 Err(e) => e.is_connection_lost() || e.is_unavailable(),
                 Ok(_) => false,
@@ -264,7 +272,7 @@ impl Client {
     ) -> Result<Vec<u8>, CallError> {
         let inner = &self.inner;
         let session = self.session(deadline).await?;
-        session.check_server(&inner.queue).await?;
+        session.check_server(&inner.queue, &inner.shared).await?;
         let id = inner.ids.next();
         let (_guard, mut reply) = inner.shared.register(id.clone());
         let mut headers = FieldTable::default();

@@ -32,15 +32,49 @@ pub(crate) const PROBE_TTL: Duration = Duration::from_secs(1);
 pub(crate) type ReplyResult = Result<Vec<u8>, CallError>;
 
 /// State shared by the calls and the supervisor.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Shared {
     pending: Mutex<HashMap<String, oneshot::Sender<ReplyResult>>>,
     pub late_replies: AtomicU64,
     pub reconnects: AtomicU64,
     pub last_error: Mutex<String>,
+    created: Instant,
+    /// When (ms after `created`, plus one so 0 means never) a probe last found the queue
+    /// served. Outlives connections: that is the point (see [`Shared::served_within`]).
+    served_at_ms: AtomicU64,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            pending: Mutex::default(),
+            late_replies: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            last_error: Mutex::default(),
+            created: Instant::now(),
+            served_at_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Shared {
+    fn mark_served(&self) {
+        let now = self.created.elapsed().as_millis() as u64 + 1;
+        self.served_at_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether this client saw the queue served within `window`: then "no consumer" is most
+    /// likely a gap (a failover, a restart, a rolling deploy), not a queue nobody serves.
+    pub fn served_within(&self, window: Duration) -> bool {
+        match self.served_at_ms.load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                let seen = self.created + Duration::from_millis(at - 1);
+                seen.elapsed() < window
+            }
+        }
+    }
+
     /// Register a call; the guard removes the entry however the call ends (reply, timeout,
     /// error, or the caller dropping the future), so the map never leaks.
     pub fn register(
@@ -116,7 +150,7 @@ impl Session {
     /// Fail fast when nobody serves `queue`: a passive declare, cached for [`PROBE_TTL`] when it
     /// finds consumers. Probe errors other than "missing" are not fatal: the mandatory flag and
     /// the deadline still bound the call.
-    pub async fn check_server(&self, queue: &str) -> Result<(), CallError> {
+    pub async fn check_server(&self, queue: &str, shared: &Shared) -> Result<(), CallError> {
         let now_ms = |born: Instant| born.elapsed().as_millis() as u64;
         if now_ms(self.born) < self.probe_ok_until_ms.load(Ordering::Relaxed) {
             return Ok(());
@@ -142,6 +176,7 @@ impl Session {
         match probe_queue(&channel, queue).await {
             Ok(QueueProbe::Consumers(0)) => Err(no_server("the queue has no consumer")),
             Ok(QueueProbe::Consumers(_)) => {
+                shared.mark_served();
                 let until = now_ms(self.born) + PROBE_TTL.as_millis() as u64;
                 self.probe_ok_until_ms.store(until, Ordering::Relaxed);
                 Ok(())
