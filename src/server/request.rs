@@ -119,7 +119,15 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
     let (outcome, replay) = match Idempotency::key(meta, &delivery.data) {
         None => (evaluate(ctx, meta, &delivery.data).await, false),
         Some(key) => {
-            if let Some(cached) = ctx.idempotency.cached(&key).await {
+            // A first delivery skips the lookup: single-flight below finds a cached reply too
+            // (a client's retry is a first delivery). A redelivery must look first, so a
+            // request already answered replays instead of counting one more attempt.
+            let first = !delivery.redelivered && meta.delivery_count.unwrap_or(0) == 0;
+            let cached = match first {
+                true => None,
+                false => ctx.idempotency.cached(&key).await,
+            };
+            if let Some(cached) = cached {
                 (Outcome::Reply(cached), true)
             } else {
                 let attempt = ctx.idempotency.attempt(&key, meta, delivery.redelivered);
