@@ -8,21 +8,49 @@
 //! cargo run --release --example bare_echo -- bench --queue echo_q --concurrency 64 --duration 10s --json
 //! ```
 //! The bench prints the same report (and `--json` line) as `amqp-rpc bench`, from the same loop.
+//!
+//! Opt-in safety features, one at a time, so that `bench/features.py` can price each of them
+//! (without flags both sides are exactly the plain bare echo):
+//!
+//! - `bench --confirms`: the channel is in confirm mode, and each call awaits its publish
+//!   confirm before it awaits the reply, as a simple client would. A nack is error kind
+//!   `unavailable`. (amqp-rpc's own client does not await the confirm when the reply comes
+//!   first; it looks at it only when the reply is late.)
+//! - `bench --mandatory`: mandatory publish. With `--confirms`, a returned request is error kind
+//!   `no_server`; without it a returned request simply times out.
+//! - `bench --deadline`: the per-request metadata amqp-rpc's client sends: an `x-deadline-ms`
+//!   long-long header (now + timeout, epoch ms), `expiration` (the timeout in ms), a
+//!   `message_id` (per-client random prefix + counter, like amqp-rpc's), `type` (`--method`)
+//!   and `content_type` `text/plain`.
+//! - `server --confirms`: replies go out on a second channel in confirm mode, and each request
+//!   is acked only after its reply's confirm, as amqp-rpcd does with `confirm_replies = true`
+//!   (a nacked reply requeues the request). The wait for the confirm runs in a task per
+//!   request, like amqp-rpcd's, so the server keeps publishing while confirms are pending; so
+//!   `--confirms` implies `--pipelined`.
+//! - `server --pipelined`: no confirms, but the ack is sent from a task per request, so the
+//!   loop goes on to the next delivery without waiting for it (the plain server waits). This
+//!   is not a safety feature: it separates the cost of confirms from the gain of not waiting.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amqp_rpc::bench::{self, Amount, BenchSpec};
+use amqp_rpc::protocol::{expiration_ms, now_epoch_ms, DEADLINE_HEADER};
 use amqp_rpc::CallOptions;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::oneshot;
+
+/// Per-call timeout of the bench client (also the deadline budget with `--deadline`).
+const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 struct Cli {
@@ -48,6 +76,13 @@ enum Command {
         /// basic.qos prefetch.
         #[arg(long, default_value_t = 64)]
         prefetch: u16,
+        /// Publish replies on a confirm-mode channel; ack each request after its reply's
+        /// confirm.
+        #[arg(long)]
+        confirms: bool,
+        /// Ack from a task per request instead of in line (implied by --confirms).
+        #[arg(long)]
+        pipelined: bool,
     },
     /// Closed-loop load, measured like `amqp-rpc bench`.
     Bench {
@@ -63,6 +98,19 @@ enum Command {
         arg: String,
         #[arg(long)]
         json: bool,
+        /// Confirm mode; each call awaits its publish confirm, then the reply.
+        #[arg(long)]
+        confirms: bool,
+        /// Mandatory publish (a returned request is `no_server` with --confirms).
+        #[arg(long)]
+        mandatory: bool,
+        /// Send amqp-rpc's per-request metadata: deadline header, expiration, message_id, type,
+        /// content_type.
+        #[arg(long)]
+        deadline: bool,
+        /// The `type` sent with --deadline (the bare server ignores it; amqp-rpcd runs it).
+        #[arg(long, default_value = "fib")]
+        method: String,
     },
 }
 
@@ -71,7 +119,11 @@ async fn main() -> Result<(), lapin::Error> {
     let cli = Cli::parse();
     let conn = Connection::connect(&cli.url, ConnectionProperties::default()).await?;
     match cli.command {
-        Command::Server { prefetch } => server(conn, &cli.queue, prefetch).await,
+        Command::Server {
+            prefetch,
+            confirms,
+            pipelined,
+        } => server(conn, &cli.queue, prefetch, confirms, pipelined).await,
         Command::Bench {
             concurrency,
             requests,
@@ -79,18 +131,29 @@ async fn main() -> Result<(), lapin::Error> {
             warmup,
             arg,
             json,
+            confirms,
+            mandatory,
+            deadline,
+            method,
         } => {
-            let call = client(conn).await?;
+            let features = Features {
+                confirms,
+                mandatory,
+                deadline: deadline.then(|| method.as_str().into()),
+                id_prefix: uuid::Uuid::new_v4().simple().to_string(),
+                next_id: AtomicU64::new(0),
+            };
+            let call = client(conn, features).await?;
             let queue: Arc<str> = cli.queue.as_str().into();
             let body: Arc<[u8]> = arg.as_bytes().into();
             let spec = BenchSpec {
                 concurrency,
                 amount: requests.map_or(Amount::Duration(duration), Amount::Requests),
                 warmup,
-                method: "echo".into(),
+                method,
                 arg,
                 options: CallOptions {
-                    timeout: Duration::from_secs(5),
+                    timeout: TIMEOUT,
                     idempotent: false,
                 },
                 progress: true,
@@ -112,7 +175,13 @@ async fn main() -> Result<(), lapin::Error> {
     }
 }
 
-async fn server(conn: Connection, queue: &str, prefetch: u16) -> Result<(), lapin::Error> {
+async fn server(
+    conn: Connection,
+    queue: &str,
+    prefetch: u16,
+    confirms: bool,
+    pipelined: bool,
+) -> Result<(), lapin::Error> {
     let channel = conn.create_channel().await?;
     channel
         .queue_declare(
@@ -124,6 +193,15 @@ async fn server(conn: Connection, queue: &str, prefetch: u16) -> Result<(), lapi
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
+    let reply_channel = if confirms {
+        let reply = conn.create_channel().await?;
+        reply
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Some(reply)
+    } else {
+        None
+    };
     let mut consumer = channel
         .basic_consume(
             queue.into(),
@@ -132,7 +210,14 @@ async fn server(conn: Connection, queue: &str, prefetch: u16) -> Result<(), lapi
             FieldTable::default(),
         )
         .await?;
-    eprintln!("bare echo serving {queue}");
+    eprintln!(
+        "bare echo serving {queue}{}",
+        match (confirms, pipelined) {
+            (true, _) => " (confirmed replies, acks from a task per request)",
+            (false, true) => " (acks from a task per request)",
+            (false, false) => "",
+        }
+    );
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;
         if let (Some(reply_to), Some(id)) = (
@@ -140,7 +225,8 @@ async fn server(conn: Connection, queue: &str, prefetch: u16) -> Result<(), lapi
             delivery.properties.correlation_id(),
         ) {
             let props = BasicProperties::default().with_correlation_id(id.clone());
-            channel
+            let publisher = reply_channel.as_ref().unwrap_or(&channel);
+            let confirm = publisher
                 .basic_publish(
                     "".into(),
                     reply_to.clone(),
@@ -149,10 +235,43 @@ async fn server(conn: Connection, queue: &str, prefetch: u16) -> Result<(), lapi
                     props,
                 )
                 .await?;
+            if reply_channel.is_some() {
+                // Ack after the broker has the reply; meanwhile serve the next delivery.
+                tokio::spawn(async move {
+                    match confirm.await {
+                        Ok(Confirmation::Nack(_)) => {
+                            let requeue = BasicRejectOptions { requeue: true };
+                            let _ = delivery.acker.reject(requeue).await;
+                        }
+                        Ok(_) => {
+                            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                        }
+                        Err(e) => eprintln!("reply not confirmed: {e}"),
+                    }
+                });
+                continue;
+            }
+        }
+        if pipelined {
+            tokio::spawn(async move {
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            });
+            continue;
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
     Ok(())
+}
+
+/// The client's opt-in features.
+struct Features {
+    confirms: bool,
+    mandatory: bool,
+    /// `Some(method)`: send the deadline metadata, with this `type`.
+    deadline: Option<lapin::types::ShortString>,
+    /// `message_id`s with --deadline: a random prefix and a counter, like amqp-rpc's.
+    id_prefix: String,
+    next_id: AtomicU64,
 }
 
 /// A direct reply-to client: one channel, a pending map, a router task.
@@ -160,10 +279,16 @@ async fn server(conn: Connection, queue: &str, prefetch: u16) -> Result<(), lapi
 struct Caller {
     channel: lapin::Channel,
     pending: Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>,
+    features: Arc<Features>,
 }
 
-async fn client(conn: Connection) -> Result<Caller, lapin::Error> {
+async fn client(conn: Connection, features: Features) -> Result<Caller, lapin::Error> {
     let channel = conn.create_channel().await?;
+    if features.confirms {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+    }
     let mut replies = channel
         .basic_consume(
             "amq.rabbitmq.reply-to".into(),
@@ -187,7 +312,11 @@ async fn client(conn: Connection) -> Result<Caller, lapin::Error> {
             }
         }
     });
-    Ok(Caller { channel, pending })
+    Ok(Caller {
+        channel,
+        pending,
+        features: Arc::new(features),
+    })
 }
 
 impl Caller {
@@ -195,26 +324,58 @@ impl Caller {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id.clone(), tx);
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_reply_to("amq.rabbitmq.reply-to".into())
             .with_correlation_id(id.as_str().into());
-        self.channel
-            .basic_publish(
-                "".into(),
-                (*queue).into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await
-            .map_err(|_| "connection_lost")?;
-        match tokio::time::timeout(Duration::from_secs(5), rx).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err("connection_lost"),
-            Err(_) => {
-                self.pending.lock().unwrap().remove(&id);
-                Err("timeout")
+        if let Some(method) = &self.features.deadline {
+            let timeout_ms = TIMEOUT.as_millis() as u64;
+            let mut headers = FieldTable::default();
+            headers.insert(
+                DEADLINE_HEADER.into(),
+                AMQPValue::LongLongInt((now_epoch_ms() + timeout_ms) as i64),
+            );
+            let n = self.features.next_id.fetch_add(1, Ordering::Relaxed);
+            let message_id = format!("{}-{n:x}", self.features.id_prefix);
+            props = props
+                .with_message_id(message_id.into())
+                .with_type(method.clone())
+                .with_content_type("text/plain".into())
+                .with_expiration(expiration_ms(TIMEOUT).into())
+                .with_headers(headers);
+        }
+        let options = BasicPublishOptions {
+            mandatory: self.features.mandatory,
+            ..BasicPublishOptions::default()
+        };
+        let published = self
+            .channel
+            .basic_publish("".into(), (*queue).into(), options, &body, props)
+            .await;
+        let confirm = match published {
+            Ok(confirm) => confirm,
+            Err(_) => return self.fail(&id, "connection_lost"),
+        };
+        if self.features.confirms {
+            match tokio::time::timeout(TIMEOUT, confirm).await {
+                Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => {}
+                Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => {
+                    return self.fail(&id, "no_server");
+                }
+                Ok(Ok(Confirmation::Nack(None))) => return self.fail(&id, "unavailable"),
+                Ok(Err(_)) => return self.fail(&id, "connection_lost"),
+                Err(_) => return self.fail(&id, "timeout"),
             }
         }
+        match tokio::time::timeout(TIMEOUT, rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("connection_lost"),
+            Err(_) => self.fail(&id, "timeout"),
+        }
+    }
+
+    /// End a call in error `kind`, forgetting its pending entry.
+    fn fail(&self, id: &str, kind: &'static str) -> Result<(), &'static str> {
+        self.pending.lock().unwrap().remove(id);
+        Err(kind)
     }
 }
