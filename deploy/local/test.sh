@@ -72,6 +72,8 @@ if cargo nextest --version >/dev/null 2>&1; then
         # Memory is measured on a quiet machine, like a benchmark: alone, before the rest.
         step "cargo nextest run -E 'binary(memory)' (alone)"
         cargo nextest run -E 'binary(memory)'
+        # The cluster tests boot three private RabbitMQ nodes each (never the shared one);
+        # .config/nextest.toml runs them one at a time, next to the rest of the suite.
         step "cargo nextest run --no-fail-fast -E 'not binary(memory)'"
         cargo nextest run --no-fail-fast -E 'not binary(memory)'
     else

@@ -1,5 +1,6 @@
 //! A private RabbitMQ node per test, for the faults the shared broker must never suffer:
 //! `stop_app`/`start_app`, SIGKILL of the node's VM, and a restart on the same ports and data.
+//! Several can boot at once and be joined into a cluster (see [`super::cluster`]).
 //!
 //! The node gets its own name, AMQP and distribution ports on 127.0.0.1, and a temp dir holding
 //! its config, data and logs, so nothing is read from `/etc/rabbitmq` (whose config binds 5672,
@@ -14,18 +15,21 @@ use std::time::{Duration, Instant};
 
 use lapin::{Connection, ConnectionProperties};
 
-use super::child::free_port;
-
 /// The real server script, not `/usr/sbin/rabbitmq-server`: that wrapper runs it through
 /// `su` (so the VM would not be our child) after `cd`-ing into the shared node's home.
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 /// As root this wrapper drops to the `rabbitmq` user, whose home holds the cookie.
-const CTL: &str = "/usr/sbin/rabbitmqctl";
+pub const CTL: &str = "/usr/sbin/rabbitmqctl";
+/// Quorum queue status, same wrapper and cookie.
+pub const QUEUES: &str = "/usr/sbin/rabbitmq-queues";
 /// The `rabbitmq` user's home: its owner is the user the node runs as, and its
 /// `.erlang.cookie` is the one `rabbitmqctl` uses.
 const RABBITMQ_HOME: &str = "/var/lib/rabbitmq";
 /// A cold boot takes 5-15 s; allow for a loaded machine.
 const BOOT_LIMIT: Duration = Duration::from_secs(60);
+/// A CLI command against a live node answers in about a second; one against a dead or booting
+/// node gives up by itself, but nothing may hang a test.
+const CLI_LIMIT: Duration = Duration::from_secs(60);
 
 /// A RabbitMQ node of our own; dropped, its VM is killed and its temp dir removed.
 pub struct PrivateBroker {
@@ -50,11 +54,32 @@ impl PrivateBroker {
     /// Like [`start`](Self::start), with more `rabbitmq.conf` lines and files in the node's
     /// directory (`{dir}` in the lines is replaced by that directory), e.g. a TLS listener.
     pub async fn start_with(extra_conf: &str, extra_files: &[(&str, String)]) -> PrivateBroker {
+        let ports = free_ports(2);
+        let mut broker = Self::prepare(ports[0], ports[1], extra_conf, extra_files);
+        broker.boot().await;
+        broker
+    }
+
+    /// `n` fresh, unclustered nodes booted at once: a boot is mostly the VM waiting on itself,
+    /// so in parallel they take little longer than one.
+    pub async fn start_many(n: usize) -> Vec<PrivateBroker> {
+        let ports = free_ports(2 * n);
+        let mut nodes: Vec<_> = ports
+            .chunks(2)
+            .map(|p| Self::prepare(p[0], p[1], "", &[]))
+            .collect();
+        futures_util::future::join_all(nodes.iter_mut().map(|node| node.boot())).await;
+        nodes
+    }
+
+    /// Name the node and write its directory; nothing runs yet.
+    fn prepare(
+        port: u16,
+        dist_port: u16,
+        extra_conf: &str,
+        extra_files: &[(&str, String)],
+    ) -> PrivateBroker {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
-        let port = free_port();
-        let dist_port = std::iter::repeat_with(free_port)
-            .find(|&p| p != port)
-            .unwrap();
         let dir = std::env::temp_dir().join(format!("amqprpc-{id}"));
         std::fs::create_dir_all(&dir).expect("broker temp dir");
         let extra_conf = extra_conf.replace("{dir}", dir.to_str().expect("UTF-8 temp dir"));
@@ -85,16 +110,14 @@ impl PrivateBroker {
                     .expect("chown to rabbitmq");
             }
         }
-        let mut broker = PrivateBroker {
+        PrivateBroker {
             node: format!("amqprpc-{id}@localhost"),
             port,
             dist_port,
             dir,
             beam: None,
             boot_time: Duration::ZERO,
-        };
-        broker.boot().await;
-        broker
+        }
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f` (guest may log in over loopback).
@@ -121,6 +144,19 @@ impl PrivateBroker {
         let t0 = Instant::now();
         self.ctl(&["start_app"]).await;
         self.wait_up(t0).await;
+    }
+
+    /// Make this freshly booted node a member of `seed`'s cluster (its own empty state is
+    /// reset by the join); returns once it accepts AMQP connections again.
+    pub async fn join(&mut self, seed: &str) {
+        self.ctl(&["stop_app"]).await;
+        self.ctl(&["join_cluster", seed]).await;
+        self.start_app().await;
+    }
+
+    /// Whether the node's VM runs (false between [`kill9`](Self::kill9) and a restart).
+    pub fn is_running(&self) -> bool {
+        self.beam.is_some()
     }
 
     /// SIGKILL the node's VM: no connection.close, sockets just die, non-durable queues are
@@ -221,21 +257,39 @@ impl PrivateBroker {
 
     /// `rabbitmqctl -n NODE args...`, which must succeed.
     pub async fn ctl(&self, args: &[&str]) {
-        let out = tokio::process::Command::new(CTL)
+        if let Err(e) = self.cli(CTL, args).await {
+            panic!("{e}");
+        }
+    }
+
+    /// `TOOL -n NODE args...` ([`CTL`] or [`QUEUES`]): its stdout, or what went wrong.
+    pub async fn cli(&self, tool: &str, args: &[&str]) -> Result<String, String> {
+        let run = tokio::process::Command::new(tool)
             .arg("-n")
             .arg(&self.node)
             .args(args)
             .stdin(Stdio::null())
-            .output()
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(CLI_LIMIT, run)
             .await
-            .expect("rabbitmqctl runs");
-        assert!(
-            out.status.success(),
-            "rabbitmqctl {args:?} on {}: {}{}",
-            self.node,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .map_err(|_| {
+                format!(
+                    "{tool} {args:?} on {}: no answer in {CLI_LIMIT:?}",
+                    self.node
+                )
+            })?
+            .expect("the RabbitMQ CLI runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "{tool} {args:?} on {}: {stdout}{}",
+                self.node,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
     }
 
     /// The end of the node's console output, for failure messages.
@@ -253,8 +307,24 @@ impl Drop for PrivateBroker {
             let _ = beam.kill();
             let _ = beam.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // KEEP_BROKER_DIRS=1 keeps the node's logs for a post-mortem (the path is in the
+        // node's name: $TMPDIR/amqprpc-<id>).
+        if std::env::var_os("KEEP_BROKER_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
+}
+
+/// `n` distinct free ports: all bound at once, so no two are the same (released together just
+/// before use, like any free-port probe).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 fn running_as_root() -> bool {

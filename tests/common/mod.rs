@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod child;
+pub mod cluster;
 pub mod proxy;
 
 use std::future::Future;
