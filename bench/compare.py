@@ -334,15 +334,6 @@ def report(results, concs, systems, a, meta):
                   f"{f_ratio(ratio(r['p50_us'], o['p50_us']))} | "
                   f"{f_ratio(ratio(r['p99_us'], o['p99_us']))} |")
         p('')
-        p('| conc | calls/s | p50 | p99 |')
-        p('|---:|---:|---:|---:|')
-        for c in concs:
-            r, k = med_tab.get(('rpc', c)), med_tab.get(('pika', c))
-            if r and k:
-                p(f"| {c} | {f_ratio(ratio(r['calls_per_sec'], k['calls_per_sec']))} | "
-                  f"{f_ratio(ratio(r['p50_us'], k['p50_us']))} | "
-                  f"{f_ratio(ratio(r['p99_us'], k['p99_us']))} |")
-        p('')
 
     def get(s, c, k):
         m = med_tab.get((s, c))
