@@ -102,6 +102,11 @@ impl Connector {
         })
     }
 
+    /// How many brokers the rotation holds.
+    pub fn brokers(&self) -> usize {
+        self.uris.len()
+    }
+
     /// One attempt against the next broker in the rotation.
     pub async fn connect_once(&mut self) -> Result<Connection, String> {
         let (uri, shown) = self.uris[self.next].clone();

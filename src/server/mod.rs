@@ -26,6 +26,7 @@ use idempotency::Idempotency;
 mod idempotency;
 pub mod metrics;
 mod reply;
+mod reply_link;
 pub mod request;
 mod session;
 
@@ -148,7 +149,8 @@ impl Daemon {
             let Some(conn) = connector.connect(shutdown, |_| {}).await else {
                 return Ok(());
             };
-            if connected_before {
+            let reconnected = connected_before;
+            if reconnected {
                 self.metrics.reconnects.inc();
             }
             connected_before = true;
@@ -160,6 +162,7 @@ impl Daemon {
                 cpu: cpu.clone(),
                 idempotency: idempotency.clone(),
                 liveness: &self.liveness,
+                after_loss: reconnected,
             };
             match session::serve(&conn, parts, shutdown).await {
                 session::End::Shutdown(result) => return result,

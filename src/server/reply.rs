@@ -47,7 +47,16 @@ pub(super) async fn answer(
     if let Err(e) = result {
         tracing::info!(code = %e.code, message = %e.message, "error reply");
     }
-    match publish_reply(ctx, reply_to, meta, result, remaining).await {
+    match publish_reply(
+        ctx,
+        reply_to,
+        meta,
+        result,
+        remaining,
+        wary(ctx, meta, delivery),
+    )
+    .await
+    {
         Ok(()) => {
             ctx.metrics.request(label, outcome).inc();
             ack(ctx, delivery);
@@ -59,6 +68,27 @@ pub(super) async fn answer(
                 .acker
                 .reject(BasicRejectOptions { requeue: true })
                 .await;
+        }
+        Err(PublishFailure::WaryUnavailable(e)) => {
+            ctx.metrics.reply_publish_failures.inc();
+            tracing::warn!(error = %e, "no connection for a wary reply; requeueing the request");
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await;
+        }
+        Err(PublishFailure::Wary(e)) => {
+            // Wary replies go one at a time, so this reply is what broke the link (the next
+            // wary reply reopens it): its reply-to is unreachable, most likely a client of a
+            // failed broker node. Requeued, it would only break the link again until its
+            // delivery limit, so it ends here.
+            ctx.metrics.reply_publish_failures.inc();
+            ctx.metrics
+                .rejected
+                .with_label_values(&["reply_to_unreachable"])
+                .inc();
+            tracing::warn!(error = %e, "reply-to unreachable; acking the request without a reply");
+            ack(ctx, delivery);
         }
         Err(PublishFailure::Channel(e)) => {
             // Not acked: the reply channel is gone. Ending the session closes the connection,
@@ -133,7 +163,24 @@ pub(super) async fn give_up(
 
 enum PublishFailure {
     Nacked,
+    /// The reply channel failed: the session's connection is in doubt.
     Channel(lapin::Error),
+    /// Publishing on the wary link broke it; the session is fine.
+    Wary(String),
+    /// The wary link could not be opened.
+    WaryUnavailable(String),
+}
+
+/// Whether a reply may crash the connection that publishes it (see `reply_link.rs`): the
+/// request was delivered before (its first worker's connection may have died with a broker
+/// node), or this session follows a lost connection and the queue may still hold requests
+/// from a failed node's clients.
+fn wary(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) -> bool {
+    delivery.redelivered
+        || meta.delivery_count.unwrap_or(0) > 0
+        || ctx
+            .wary_until
+            .is_some_and(|until| tokio::time::Instant::now() < until)
 }
 
 async fn publish_reply(
@@ -142,14 +189,44 @@ async fn publish_reply(
     meta: &RequestMeta,
     result: &Result<Vec<u8>, RequestError>,
     remaining: Option<Duration>,
+    wary: bool,
 ) -> Result<(), PublishFailure> {
     let (body, code) = match result {
         Ok(body) => (body.as_slice(), None),
         Err(e) => (e.message.as_bytes(), Some(e.code)),
     };
     let props = reply_properties(meta.correlation_id.as_deref(), code, remaining);
-    let confirm = ctx
-        .reply_channel
+    let nacked = match wary {
+        false => send(ctx, &ctx.reply_channel, reply_to, body, props)
+            .await
+            .map_err(PublishFailure::Channel)?,
+        true => {
+            let _one_at_a_time = ctx.wary_replies.one_at_a_time.lock().await;
+            let channel = ctx
+                .wary_replies
+                .channel()
+                .await
+                .map_err(PublishFailure::WaryUnavailable)?;
+            send(ctx, &channel, reply_to, body, props)
+                .await
+                .map_err(|e| PublishFailure::Wary(e.to_string()))?
+        }
+    };
+    match nacked {
+        true => Err(PublishFailure::Nacked),
+        false => Ok(()),
+    }
+}
+
+/// Publish one reply; `Ok(true)` when the broker nacked it.
+async fn send(
+    ctx: &RequestCtx,
+    channel: &lapin::Channel,
+    reply_to: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<bool, lapin::Error> {
+    let confirm = channel
         .basic_publish(
             "".into(),
             reply_to.into(),
@@ -157,15 +234,11 @@ async fn publish_reply(
             body,
             props,
         )
-        .await
-        .map_err(PublishFailure::Channel)?;
-    if ctx.confirm_replies {
-        let confirmation = confirm.await.map_err(PublishFailure::Channel)?;
-        if confirmation.is_nack() {
-            return Err(PublishFailure::Nacked);
-        }
+        .await?;
+    match ctx.confirm_replies {
+        true => confirm.await.map(|c| c.is_nack()),
+        false => Ok(false),
     }
-    Ok(())
 }
 
 /// Return a request that was not started because the daemon is draining: requeue it for
@@ -178,9 +251,16 @@ pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &D
             ErrorCode::Unavailable,
             "this server is shutting down; retry",
         ));
-        if publish_reply(ctx, reply_to, meta, &error, remaining)
-            .await
-            .is_ok()
+        if publish_reply(
+            ctx,
+            reply_to,
+            meta,
+            &error,
+            remaining,
+            wary(ctx, meta, delivery),
+        )
+        .await
+        .is_ok()
         {
             let label = method_label(&ctx.methods, &meta.method);
             ctx.metrics

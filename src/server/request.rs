@@ -21,6 +21,7 @@ use crate::protocol::{now_epoch_ms, ErrorCode, RequestError, RequestMeta};
 use crate::server::idempotency::{cacheable, CachedReply, Idempotency};
 use crate::server::metrics::Metrics;
 use crate::server::reply;
+use crate::server::reply_link::ReplyLink;
 use crate::service::{Methods, Work};
 
 /// An error reply is sent this long before the caller's deadline at the latest, so it still
@@ -41,6 +42,11 @@ pub struct RequestCtx {
     pub cpu: Arc<Semaphore>,
     /// Channel replies are published on.
     pub reply_channel: Channel,
+    /// Where replies that may crash a connection go instead (see [`ReplyLink`]).
+    pub wary_replies: ReplyLink,
+    /// Until when every reply counts as wary: set for a while after a lost connection, when
+    /// the queue may still hold requests from clients of a failed broker node.
+    pub wary_until: Option<tokio::time::Instant>,
     /// The channel deliveries come from, on which they are acked.
     pub consume_channel: Channel,
     /// Whether `reply_channel` is in confirm mode and confirms are awaited before the ack.

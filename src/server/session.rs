@@ -15,7 +15,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::amqp::{declare_dead_letter_queue, declare_service_queue, DeclareError};
+use crate::amqp::{declare_dead_letter_queue, declare_service_queue, Connector, DeclareError};
 use crate::config::Config;
 use crate::error::Error;
 use crate::liveness::{Liveness, BEAT_EVERY};
@@ -23,9 +23,14 @@ use crate::protocol::RequestMeta;
 use crate::server::idempotency::Idempotency;
 use crate::server::metrics::Metrics;
 use crate::server::reply;
+use crate::server::reply_link::ReplyLink;
 use crate::server::request::{self, RequestCtx};
 use crate::service::Methods;
 use crate::systemd;
+
+/// How long after a lost connection every reply goes through the wary link: about as long
+/// as requests from a failed node's clients stay in the queue (their callers' timeouts).
+const WARY_AFTER_LOSS: Duration = Duration::from_secs(10);
 
 /// Bound on closing a connection that may already be dead.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -39,6 +44,8 @@ pub(super) struct Parts<'a> {
     pub cpu: Arc<Semaphore>,
     pub idempotency: Arc<Idempotency>,
     pub liveness: &'a Liveness,
+    /// This session follows a lost one (replies are wary for a while).
+    pub after_loss: bool,
 }
 
 /// How a session ended.
@@ -95,11 +102,20 @@ pub(super) async fn serve(
             return End::Lost(format!("set-up failed: {e}"));
         }
     };
+    let name = format!("amqp-rpcd pid={} wary replies", std::process::id());
+    let wary_replies = match Connector::new(&parts.config.amqp, &name) {
+        Ok(connector) => ReplyLink::new(connector, service.confirm_replies),
+        Err(e) => return End::Fatal(e.into()),
+    };
     let ctx = Arc::new(RequestCtx {
         methods: parts.methods.clone(),
         max_body_bytes: service.max_body_bytes,
         cpu: parts.cpu.clone(),
         reply_channel: reply,
+        wary_replies,
+        wary_until: parts
+            .after_loss
+            .then(|| tokio::time::Instant::now() + WARY_AFTER_LOSS),
         consume_channel: consume.clone(),
         confirm_replies: service.confirm_replies,
         metrics: parts.metrics.clone(),
@@ -140,6 +156,7 @@ pub(super) async fn serve(
         // In-flight tasks may still finish; their acks go to a dead channel and fail, and the
         // broker redelivers. Nothing from this connection is ever acked on the next one.
         close(conn).await;
+        ctx.wary_replies.close().await;
         return End::Lost(reason);
     }
 
@@ -170,6 +187,7 @@ pub(super) async fn serve(
         .is_ok();
     let unfinished = tracker.len();
     close(conn).await;
+    ctx.wary_replies.close().await;
     End::Shutdown(if drained {
         Ok(())
     } else {
