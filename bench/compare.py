@@ -363,6 +363,14 @@ def report(results, concs, systems, a, meta):
 
 # --- main ---------------------------------------------------------------------------------
 
+def delete_queues(queues):
+    """Delete the bench's queues (best effort: needs rabbitmqctl on this machine)."""
+    if shutil.which('rabbitmqctl'):
+        for q in queues:
+            subprocess.run(['rabbitmqctl', 'delete_queue', q, '-q'], capture_output=True,
+                           timeout=60)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -450,10 +458,7 @@ def main():
     finally:
         for s, srv in servers.items():
             srv.stop()
-        if shutil.which('rabbitmqctl'):
-            for q in queues.values():
-                subprocess.run(['rabbitmqctl', 'delete_queue', q, '-q'],
-                               capture_output=True, timeout=60)
+        delete_queues(queues.values())
     took = time.monotonic() - t_begin
     print(report(results, a.concurrency, systems, a, meta))
     print(f'_Run took {took / 60:.1f} min._')

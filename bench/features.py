@@ -374,10 +374,7 @@ def main():
     finally:
         for srv in servers.values():
             srv.stop()
-        if shutil.which('rabbitmqctl'):
-            for q in queues.values():
-                subprocess.run(['rabbitmqctl', 'delete_queue', q, '-q'],
-                               capture_output=True, timeout=60)
+        C.delete_queues(queues.values())
     took = time.monotonic() - t_begin
     print(report(results, a, ladders))
     print(f'_Run took {took / 60:.1f} min._')

@@ -256,7 +256,7 @@ def calibrate(a, broker, tag):
     finally:
         for d in group:
             d.stop()
-        delete_queues([queue])
+        C.delete_queues([queue])
     out = [f'## Cost of one fib(n) call (1 in flight, one daemon, median of {a.runs} runs, '
            f'{C.fmt_dur(a.duration)} measured after {C.fmt_dur(a.warmup)} warm-up)', '',
            'Extra = the row\'s figure minus the first row\'s: about the time fib(n) and its '
@@ -274,13 +274,6 @@ def calibrate(a, broker, tag):
                    f"{f_us(m['daemon_us_per_call'])} | {f_us(ex_cpu)} |")
     out.append('')
     return '\n'.join(out)
-
-
-def delete_queues(queues):
-    if shutil.which('rabbitmqctl'):
-        for q in queues:
-            subprocess.run(['rabbitmqctl', 'delete_queue', q, '-q'], capture_output=True,
-                           timeout=60)
 
 
 def main():
@@ -357,7 +350,7 @@ def main():
         for _, group in groups.values():
             for d in group:
                 d.stop()
-        delete_queues([q for q, _ in groups.values()])
+        C.delete_queues([q for q, _ in groups.values()])
     print(report(res, a, a.parts))
     print(f'_Run took {(time.monotonic() - t_begin) / 60:.1f} min._')
     return 0

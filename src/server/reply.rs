@@ -13,7 +13,7 @@ use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
 use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
-use crate::server::request::{method_label, RequestCtx};
+use crate::server::request::{delivered_before, method_label, RequestCtx};
 
 /// During a drain, a request not yet started is requeued for another worker only when it has at
 /// least this long left; with less, it would most likely expire in the queue, so it is answered
@@ -61,21 +61,11 @@ pub(super) async fn answer(
             ctx.metrics.request(label, outcome).inc();
             ack(ctx, delivery);
         }
-        Err(PublishFailure::Nacked) => {
+        Err(failure @ (PublishFailure::Nacked | PublishFailure::WaryUnavailable(_))) => {
+            // Nothing was said about this request: another attempt may well succeed.
             ctx.metrics.reply_publish_failures.inc();
-            tracing::warn!("broker refused the reply; requeueing the request");
-            let _ = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await;
-        }
-        Err(PublishFailure::WaryUnavailable(e)) => {
-            ctx.metrics.reply_publish_failures.inc();
-            tracing::warn!(error = %e, "no connection for a wary reply; requeueing the request");
-            let _ = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await;
+            tracing::warn!(error = %failure, "reply not handed over; requeueing the request");
+            requeue(delivery).await;
         }
         Err(PublishFailure::Wary(e)) => {
             // Wary replies go one at a time, so this reply is what broke the link (the next
@@ -161,13 +151,18 @@ pub(super) async fn give_up(
     answer(ctx, meta, delivery, label, &error).await;
 }
 
+#[derive(Debug, thiserror::Error)]
 enum PublishFailure {
+    #[error("the broker refused the reply")]
     Nacked,
     /// The reply channel failed: the session's connection is in doubt.
+    #[error("reply channel: {0}")]
     Channel(lapin::Error),
     /// Publishing on the wary link broke it; the session is fine.
+    #[error("wary reply link: {0}")]
     Wary(String),
     /// The wary link could not be opened.
+    #[error("no connection for a wary reply: {0}")]
     WaryUnavailable(String),
 }
 
@@ -176,8 +171,7 @@ enum PublishFailure {
 /// node), or this session follows a lost connection and the queue may still hold requests
 /// from a failed node's clients.
 fn wary(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) -> bool {
-    delivery.redelivered
-        || meta.delivery_count.unwrap_or(0) > 0
+    delivered_before(meta, delivery)
         || ctx
             .wary_until
             .is_some_and(|until| tokio::time::Instant::now() < until)
@@ -245,8 +239,8 @@ async fn send(
 /// another worker, or answer `unavailable` when too little time is left for that to help.
 pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) {
     let remaining = meta.remaining(now_epoch_ms());
-    let requeue = remaining.is_none_or(|left| left >= REQUEUE_MIN_REMAINING);
-    if let (false, Some(reply_to)) = (requeue, meta.reply_to.as_deref()) {
+    let worth_requeueing = remaining.is_none_or(|left| left >= REQUEUE_MIN_REMAINING);
+    if let (false, Some(reply_to)) = (worth_requeueing, meta.reply_to.as_deref()) {
         let error = Err(RequestError::new(
             ErrorCode::Unavailable,
             "this server is shutting down; retry",
@@ -270,6 +264,10 @@ pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &D
             return;
         }
     }
+    requeue(delivery).await;
+}
+
+async fn requeue(delivery: &Delivery) {
     let _ = delivery
         .acker
         .reject(BasicRejectOptions { requeue: true })

@@ -14,16 +14,13 @@
 //! throughput and latency in the benchmarks.
 
 use std::sync::RwLock;
-use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 use tokio::sync::Mutex;
 
 use crate::amqp::Connector;
-
-/// Bound on closing a connection that may already be dead.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+use crate::server::session::close;
 
 /// The reply channel, shared by a session's requests.
 pub struct ReplyLink {
@@ -122,8 +119,4 @@ impl ReplyLink {
             close(&conn).await;
         }
     }
-}
-
-async fn close(conn: &Connection) {
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "amqp-rpcd closing".into())).await;
 }

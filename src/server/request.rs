@@ -102,6 +102,12 @@ pub async fn handle(ctx: Arc<RequestCtx>, delivery: Delivery) {
     .await
 }
 
+/// Whether the broker delivered this request before (to us or another worker): classic
+/// queues set `redelivered`, quorum queues also count in `x-delivery-count`.
+pub(super) fn delivered_before(meta: &RequestMeta, delivery: &Delivery) -> bool {
+    delivery.redelivered || meta.delivery_count.unwrap_or(0) > 0
+}
+
 pub(super) fn method_label<'a>(methods: &'a Methods, name: &str) -> &'a str {
     methods.get(name).map_or(UNKNOWN_METHOD_LABEL, |m| m.name())
 }
@@ -128,10 +134,9 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
             // A first delivery skips the lookup: single-flight below finds a cached reply too
             // (a client's retry is a first delivery). A redelivery must look first, so a
             // request already answered replays instead of counting one more attempt.
-            let first = !delivery.redelivered && meta.delivery_count.unwrap_or(0) == 0;
-            let cached = match first {
-                true => None,
-                false => ctx.idempotency.cached(&key).await,
+            let cached = match delivered_before(meta, &delivery) {
+                false => None,
+                true => ctx.idempotency.cached(&key).await,
             };
             if let Some(cached) = cached {
                 (Outcome::Reply(cached), true)

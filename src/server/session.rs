@@ -195,6 +195,7 @@ pub(super) async fn serve(
     })
 }
 
-async fn close(conn: &Connection) {
+/// Close a connection that may already be dead, within [`CLOSE_TIMEOUT`].
+pub(super) async fn close(conn: &Connection) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "amqp-rpcd closing".into())).await;
 }
