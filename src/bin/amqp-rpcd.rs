@@ -41,27 +41,29 @@ fn main() -> ExitCode {
         eprintln!("amqp-rpcd: logging: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One async thread: the plumbing (deliveries, replies, acks, /metrics) is I/O that one
+    // thread keeps up with past what one queue delivers, and lapin does its socket I/O on a
+    // thread of its own anyway. CPU-heavy handlers run on the blocking pool, bounded by
+    // `service.concurrency`. A multi-threaded scheduler only added cross-worker wake-ups:
+    // measured against it in one run at 64 in flight, 13% less daemon CPU per request and
+    // 3-6% more calls/s (BENCHMARKS.md).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("amqp-rpcd: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    // The daemon runs as a spawned task, not as the `block_on` future: that one is polled on
-    // the main thread, outside the worker pool, so every delivery its consume loop hands to a
-    // request task would cross threads (a futex wake per request, seen in `perf`). On a worker,
-    // the handoff lands in the same worker's run queue.
     let result = runtime.block_on(async {
         let registry = prometheus::Registry::new();
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let shutdown = shutdown::install().map_err(amqp_rpc::Error::Signals)?;
-        match tokio::spawn(amqp_rpc::run(config, registry, shutdown)).await {
-            Ok(result) => result,
-            Err(panicked) => std::panic::resume_unwind(panicked.into_panic()),
-        }
+        amqp_rpc::run(config, registry, shutdown).await
     });
     // Blocking handler threads may still be computing; do not wait for them.
     runtime.shutdown_background();
