@@ -12,6 +12,7 @@
 //! - [`service`]: the methods served (`fib`) behind the [`service::Method`] trait.
 //! - [`server`]: the `amqp-rpcd` worker ([`server::Daemon`], [`server::run`]).
 //! - [`client`]: [`Client`], the multiplexing RPC client with deadlines, and [`CallError`].
+//! - `publish`: publishes started without awaiting their write or confirm (both sides).
 //! - [`bench`]: the closed-loop load generator behind `amqp-rpc bench`.
 //! - [`secret`]: password redaction for logs and messages.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
@@ -30,6 +31,7 @@ pub mod error;
 pub mod http;
 pub mod liveness;
 pub mod protocol;
+pub(crate) mod publish;
 pub mod secret;
 pub mod server;
 pub mod service;

@@ -253,3 +253,27 @@ async fn unreachable_broker_is_unavailable_by_the_deadline() {
     assert!(matches!(err, CallError::Unavailable(_)), "{err:?}");
     assert!(t0.elapsed() < Duration::from_millis(1500));
 }
+
+/// Acks trail their replies (the settler acks once a reply is confirmed, looking at the next
+/// hand-over or after a short pause), so a stop right after a burst is where an ack could be
+/// lost. The drain must send every one before it closes: a lost ack would put its request
+/// back in the queue when the connection closes.
+#[tokio::test]
+async fn a_stop_right_after_a_burst_leaves_no_request_unacked() {
+    let queue = unique_queue("acked");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let client = client(&queue, Duration::from_secs(10)).await;
+    let calls = (0..200u64).map(|i| {
+        let client = client.clone();
+        async move { client.call("fib", (i % 90).to_string().as_bytes()).await }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 200);
+    daemon.stop().await.expect("clean stop");
+    assert_eq!(
+        queue_message_count(&queue).await,
+        0,
+        "every answered request was acked before the connection closed"
+    );
+    delete_queue(&queue).await;
+}

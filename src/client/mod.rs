@@ -29,12 +29,11 @@ use crate::amqp::{jittered, Connector};
 use crate::config::AmqpConfig;
 use crate::protocol::{expiration_ms, now_epoch_ms, ErrorCode, DEADLINE_HEADER, DIRECT_REPLY_TO};
 
-mod confirm;
 mod error;
 mod ids;
 mod session;
 
-use confirm::Publish;
+use crate::publish::Publish;
 pub use error::CallError;
 use ids::Ids;
 use session::{ReplyResult, Session, Shared};

@@ -12,7 +12,8 @@ pub struct Metrics {
     /// `amqp_rpc_requests_total{method,outcome}`: answered requests by outcome
     /// (`ok` or an error code).
     pub requests: IntCounterVec,
-    /// `amqp_rpc_request_duration_seconds{method}`: from delivery to ack.
+    /// `amqp_rpc_request_duration_seconds{method}`: from delivery until the reply is on its
+    /// way (the ack follows once the reply is confirmed; see `settle.rs`).
     pub duration: HistogramVec,
     /// `amqp_rpc_in_flight`: deliveries being handled now.
     pub in_flight: IntGauge,
@@ -48,7 +49,7 @@ impl Metrics {
             duration: HistogramVec::new(
                 HistogramOpts::new(
                     "amqp_rpc_request_duration_seconds",
-                    "Time from delivery to acknowledgement",
+                    "Time from delivery until the reply is handed to the broker",
                 )
                 .buckets(vec![
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,

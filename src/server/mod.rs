@@ -29,6 +29,7 @@ mod reply;
 mod reply_link;
 pub mod request;
 mod session;
+mod settle;
 
 pub use metrics::Metrics;
 

@@ -13,7 +13,9 @@ use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
 use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
+use crate::publish::Publish;
 use crate::server::request::{delivered_before, method_label, RequestCtx};
+use crate::server::settle::Settling;
 
 /// During a drain, a request not yet started is requeued for another worker only when it has at
 /// least this long left; with less, it would most likely expire in the queue, so it is answered
@@ -47,18 +49,22 @@ pub(super) async fn answer(
     if let Err(e) = result {
         tracing::info!(code = %e.code, message = %e.message, "error reply");
     }
-    match publish_reply(
-        ctx,
-        reply_to,
-        meta,
-        result,
-        remaining,
-        wary(ctx, meta, delivery),
-    )
-    .await
-    {
+    let answered = ctx.metrics.request(label, outcome);
+    if !wary(ctx, meta, delivery) {
+        // The common case: start the reply and let the settler ack once it is in.
+        match start_reply(ctx, reply_to, meta, result, remaining) {
+            Ok(reply) => ctx.settler.hand_over(Settling {
+                reply,
+                delivery_tag: delivery.delivery_tag,
+                answered,
+            }),
+            Err(e) => lost(ctx, &e),
+        }
+        return;
+    }
+    match publish_wary(ctx, reply_to, meta, result, remaining).await {
         Ok(()) => {
-            ctx.metrics.request(label, outcome).inc();
+            answered.inc();
             ack(ctx, delivery);
         }
         Err(failure @ (PublishFailure::Nacked | PublishFailure::WaryUnavailable(_))) => {
@@ -80,15 +86,16 @@ pub(super) async fn answer(
             tracing::warn!(error = %e, "reply-to unreachable; acking the request without a reply");
             ack(ctx, delivery);
         }
-        Err(PublishFailure::Channel(e)) => {
-            // Not acked: the reply channel is gone. Ending the session closes the connection,
-            // so the broker redelivers this request and every other one left without a reply,
-            // instead of the daemon sitting on them with a dead channel.
-            ctx.metrics.reply_publish_failures.inc();
-            tracing::warn!(error = %e, "could not publish the reply; reconnecting");
-            ctx.session_lost.cancel();
-        }
     }
+}
+
+/// The reply channel failed: ending the session closes the connection, so the broker
+/// redelivers this request and every other one left without a reply, instead of the daemon
+/// sitting on them with a dead channel.
+fn lost(ctx: &RequestCtx, e: &lapin::Error) {
+    ctx.metrics.reply_publish_failures.inc();
+    tracing::warn!(error = %e, "could not publish the reply; reconnecting");
+    ctx.session_lost.cancel();
 }
 
 /// A request seen more than `max_deliveries` times: answer `internal` without running it, copy
@@ -155,9 +162,6 @@ pub(super) async fn give_up(
 enum PublishFailure {
     #[error("the broker refused the reply")]
     Nacked,
-    /// The reply channel failed: the session's connection is in doubt.
-    #[error("reply channel: {0}")]
-    Channel(lapin::Error),
     /// Publishing on the wary link broke it; the session is fine.
     #[error("wary reply link: {0}")]
     Wary(String),
@@ -177,42 +181,70 @@ fn wary(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) -> bool {
             .is_some_and(|until| tokio::time::Instant::now() < until)
 }
 
-async fn publish_reply(
-    ctx: &RequestCtx,
-    reply_to: &str,
+/// The reply's body and properties.
+fn reply_parts<'r>(
     meta: &RequestMeta,
-    result: &Result<Vec<u8>, RequestError>,
+    result: &'r Result<Vec<u8>, RequestError>,
     remaining: Option<Duration>,
-    wary: bool,
-) -> Result<(), PublishFailure> {
+) -> (&'r [u8], BasicProperties) {
     let (body, code) = match result {
         Ok(body) => (body.as_slice(), None),
         Err(e) => (e.message.as_bytes(), Some(e.code)),
     };
     let props = reply_properties(meta.correlation_id.as_deref(), code, remaining);
-    let nacked = match wary {
-        false => send(ctx, &ctx.reply_channel, reply_to, body, props)
+    (body, props)
+}
+
+/// Start publishing a reply on the reply channel, without waiting for its write or confirm.
+fn start_reply(
+    ctx: &RequestCtx,
+    reply_to: &str,
+    meta: &RequestMeta,
+    result: &Result<Vec<u8>, RequestError>,
+    remaining: Option<Duration>,
+) -> Result<Publish, lapin::Error> {
+    let (body, props) = reply_parts(meta, result, remaining);
+    let (channel, reply_to, body) = (
+        ctx.reply_channel.clone(),
+        reply_to.to_owned(),
+        body.to_vec(),
+    );
+    Publish::start(Box::pin(async move {
+        channel
+            .basic_publish(
+                "".into(),
+                reply_to.into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
             .await
-            .map_err(PublishFailure::Channel)?,
-        true => {
-            let _one_at_a_time = ctx.wary_replies.one_at_a_time.lock().await;
-            let channel = ctx
-                .wary_replies
-                .channel()
-                .await
-                .map_err(PublishFailure::WaryUnavailable)?;
-            send(ctx, &channel, reply_to, body, props)
-                .await
-                .map_err(|e| PublishFailure::Wary(e.to_string()))?
-        }
-    };
-    match nacked {
-        true => Err(PublishFailure::Nacked),
-        false => Ok(()),
+    }))
+}
+
+/// Publish a wary reply on the wary link, one at a time, and wait for it to be handed over.
+async fn publish_wary(
+    ctx: &RequestCtx,
+    reply_to: &str,
+    meta: &RequestMeta,
+    result: &Result<Vec<u8>, RequestError>,
+    remaining: Option<Duration>,
+) -> Result<(), PublishFailure> {
+    let (body, props) = reply_parts(meta, result, remaining);
+    let _one_at_a_time = ctx.wary_replies.one_at_a_time.lock().await;
+    let channel = ctx
+        .wary_replies
+        .channel()
+        .await
+        .map_err(PublishFailure::WaryUnavailable)?;
+    match send(ctx, &channel, reply_to, body, props).await {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(PublishFailure::Nacked),
+        Err(e) => Err(PublishFailure::Wary(e.to_string())),
     }
 }
 
-/// Publish one reply; `Ok(true)` when the broker nacked it.
+/// Publish one reply and wait for it; `Ok(true)` when the broker nacked it.
 async fn send(
     ctx: &RequestCtx,
     channel: &lapin::Channel,
@@ -245,17 +277,18 @@ pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &D
             ErrorCode::Unavailable,
             "this server is shutting down; retry",
         ));
-        if publish_reply(
-            ctx,
-            reply_to,
-            meta,
-            &error,
-            remaining,
-            wary(ctx, meta, delivery),
-        )
-        .await
-        .is_ok()
-        {
+        // Waited for here, not settled later: the drain closes the connection soon after.
+        let published = match wary(ctx, meta, delivery) {
+            true => publish_wary(ctx, reply_to, meta, &error, remaining)
+                .await
+                .is_ok(),
+            false => {
+                let (body, props) = reply_parts(meta, &error, remaining);
+                let sent = send(ctx, &ctx.reply_channel, reply_to, body, props).await;
+                matches!(sent, Ok(false))
+            }
+        };
+        if published {
             let label = method_label(&ctx.methods, &meta.method);
             ctx.metrics
                 .request(label, ErrorCode::Unavailable.as_str())

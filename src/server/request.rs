@@ -22,6 +22,7 @@ use crate::server::idempotency::{cacheable, CachedReply, Idempotency};
 use crate::server::metrics::Metrics;
 use crate::server::reply;
 use crate::server::reply_link::ReplyLink;
+use crate::server::settle::Settler;
 use crate::service::{Methods, Work};
 
 /// An error reply is sent this long before the caller's deadline at the latest, so it still
@@ -61,6 +62,8 @@ pub struct RequestCtx {
     pub max_deliveries: u32,
     /// Where poison requests are copied; empty = nowhere.
     pub dead_letter_queue: String,
+    /// Acks requests once their replies are in (see `settle.rs`).
+    pub(super) settler: Settler,
     /// Cancelled when a request finds the connection's channels broken: the session ends
     /// and the daemon reconnects.
     pub session_lost: CancellationToken,
@@ -80,14 +83,23 @@ enum Outcome {
 /// Handle one delivery end to end, inside its own span.
 pub async fn handle(ctx: Arc<RequestCtx>, delivery: Delivery) {
     let meta = RequestMeta::from_properties(&delivery.properties);
+    // `redelivered` and `traceparent` are recorded only when they say something: the fmt
+    // layer formats every recorded field when the span is created, on the way to the reply
+    // (the span measured 5-6.5 µs of the 45 µs from delivery to reply at 1 in flight).
     let span = tracing::info_span!(
         "request",
         correlation_id = meta.correlation_id.as_deref().unwrap_or(""),
         method = %meta.method,
         attempt = meta.delivery_count.map_or(1, |c| c + 1),
-        redelivered = delivery.redelivered,
-        traceparent = meta.traceparent.as_deref().unwrap_or(""),
+        redelivered = tracing::field::Empty,
+        traceparent = tracing::field::Empty,
     );
+    if delivery.redelivered {
+        span.record("redelivered", true);
+    }
+    if let Some(traceparent) = meta.traceparent.as_deref() {
+        span.record("traceparent", traceparent);
+    }
     async move {
         ctx.metrics.in_flight.inc();
         let started = Instant::now();

@@ -25,6 +25,7 @@ use crate::server::metrics::Metrics;
 use crate::server::reply;
 use crate::server::reply_link::ReplyLink;
 use crate::server::request::{self, RequestCtx};
+use crate::server::settle::Settler;
 use crate::service::Methods;
 use crate::systemd;
 
@@ -107,6 +108,14 @@ pub(super) async fn serve(
         Ok(connector) => ReplyLink::new(connector, service.confirm_replies),
         Err(e) => return End::Fatal(e.into()),
     };
+    let session_lost = CancellationToken::new();
+    let closing = CancellationToken::new();
+    let (settler, settler_task) = Settler::spawn(
+        consume.clone(),
+        parts.metrics.clone(),
+        session_lost.clone(),
+        closing.clone(),
+    );
     let ctx = Arc::new(RequestCtx {
         methods: parts.methods.clone(),
         max_body_bytes: service.max_body_bytes,
@@ -123,7 +132,8 @@ pub(super) async fn serve(
         idempotency: parts.idempotency.clone(),
         max_deliveries: service.max_deliveries,
         dead_letter_queue: service.dead_letter_queue.clone(),
-        session_lost: CancellationToken::new(),
+        settler,
+        session_lost,
     });
     parts.ready.send_replace(true);
     parts.metrics.connection_up.set(1);
@@ -155,6 +165,7 @@ pub(super) async fn serve(
     if let Some(reason) = lost {
         // In-flight tasks may still finish; their acks go to a dead channel and fail, and the
         // broker redelivers. Nothing from this connection is ever acked on the next one.
+        settler_task.abort();
         close(conn).await;
         ctx.wary_replies.close().await;
         return End::Lost(reason);
@@ -182,10 +193,16 @@ pub(super) async fn serve(
             tracing::info!(returned, "requeued deliveries that had not started");
         }
     }
-    let drained = tokio::time::timeout_at(deadline, tracker.wait())
+    let finished = tokio::time::timeout_at(deadline, tracker.wait())
         .await
         .is_ok();
     let unfinished = tracker.len();
+    // The last replies' acks, before the connection closes (or they would be redelivered).
+    closing.cancel();
+    let drained = finished
+        && tokio::time::timeout_at(deadline, settler_task)
+            .await
+            .is_ok();
     close(conn).await;
     ctx.wary_replies.close().await;
     End::Shutdown(if drained {

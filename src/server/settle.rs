@@ -1,0 +1,180 @@
+//! The settler: acks each request once its reply is confirmed, off the latency path.
+//!
+//! The contract acks a request only after its reply was handed to the broker (confirmed, with
+//! `confirm_replies`). Awaiting that in the request's own task costs two wake-ups of the
+//! daemon's thread per request (the reply written, then confirmed), and they come right when
+//! the broker is routing the reply and the caller is sending its next request: on a 2-core
+//! machine, that is CPU taken from the next call. So a request task only starts its reply (see
+//! `publish.rs`) and hands it here; the settler looks at the replies when it is awake anyway,
+//! at the next hand-over, and acks those that are in. Only when nothing new comes for
+//! [`SETTLE_PAUSE`] does it wait for the oldest reply with a real wake-up.
+//!
+//! Replies are settled in the order they were published, which is the order the broker writes
+//! them and confirms them in, so looking at the oldest first is enough. The acks of everything
+//! settled at one look are queued together, so lapin writes them together.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use lapin::{Channel, Confirmation};
+use prometheus::IntCounter;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::publish::Publish;
+use crate::server::metrics::Metrics;
+
+/// How long the settler waits for another hand-over before it waits for the oldest reply's
+/// verdict with a wake-up of its own. Short next to any deadline: only the ack waits, and the
+/// prefetch window is what the wait holds.
+pub const SETTLE_PAUSE: Duration = Duration::from_millis(2);
+
+/// A reply on its way, and what to do once it is in.
+pub(super) struct Settling {
+    pub reply: Publish,
+    pub delivery_tag: u64,
+    /// `amqp_rpc_requests_total{method,outcome}` of this request, counted once the reply is in.
+    pub answered: IntCounter,
+}
+
+/// Where request tasks hand their replies over.
+#[derive(Clone, Debug)]
+pub(super) struct Settler {
+    tx: mpsc::UnboundedSender<Settling>,
+}
+
+impl Settler {
+    /// Start settling for one session's consume channel. The task ends after `closing` fires
+    /// (the drain, once no request task is left) and everything handed over is settled; or at
+    /// once when the session is lost (`session_lost`), leaving the rest unacked for the broker
+    /// to redeliver.
+    pub fn spawn(
+        consume: Channel,
+        metrics: Metrics,
+        session_lost: CancellationToken,
+        closing: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(rx, consume, metrics, session_lost, closing));
+        (Settler { tx }, task)
+    }
+
+    /// Hand a started reply over. When the settler is gone (the session is ending), the reply
+    /// is dropped unacked and the broker redelivers the request.
+    pub fn hand_over(&self, settling: Settling) {
+        let _ = self.tx.send(settling);
+    }
+}
+
+impl std::fmt::Debug for Settling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settling")
+            .field("delivery_tag", &self.delivery_tag)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Settling>,
+    consume: Channel,
+    metrics: Metrics,
+    session_lost: CancellationToken,
+    closing: CancellationToken,
+) {
+    let mut waiting: VecDeque<Settling> = VecDeque::new();
+    let mut open = true;
+    loop {
+        // Everything already in, oldest first, without registering a wake-up.
+        while let Some(oldest) = waiting.front_mut() {
+            let Some(verdict) = oldest.reply.peek() else {
+                break;
+            };
+            let settled = waiting.pop_front().expect("front exists");
+            if !settle(&consume, &metrics, &session_lost, settled, verdict) {
+                return;
+            }
+        }
+        if waiting.is_empty() && !open {
+            return;
+        }
+        let more = async {
+            match open {
+                true => rx.recv().await,
+                false => std::future::pending().await,
+            }
+        };
+        let oldest = async {
+            match waiting.front_mut() {
+                Some(oldest) => {
+                    tokio::time::sleep(SETTLE_PAUSE).await;
+                    oldest.reply.confirmation().await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = session_lost.cancelled() => return,
+            _ = closing.cancelled(), if open => {
+                while let Ok(settling) = rx.try_recv() {
+                    waiting.push_back(settling);
+                }
+                open = false;
+            }
+            next = more => match next {
+                Some(settling) => waiting.push_back(settling),
+                None => open = false,
+            },
+            verdict = oldest => {
+                let settled = waiting.pop_front().expect("awaited the front");
+                if !settle(&consume, &metrics, &session_lost, settled, verdict) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Ack (or requeue) one request by its reply's verdict; `false` when the session is lost.
+fn settle(
+    consume: &Channel,
+    metrics: &Metrics,
+    session_lost: &CancellationToken,
+    settled: Settling,
+    verdict: lapin::Result<Confirmation>,
+) -> bool {
+    let tag = settled.delivery_tag;
+    // `now_or_never`: the frames are queued on the first poll, and waiting for their write
+    // would cost a wake-up that tells nothing (the broker never confirms an ack). A frame
+    // lost with its connection means a redelivery, which the reply cache answers again.
+    let queued = match verdict {
+        Ok(Confirmation::Nack(_)) => {
+            // Nothing was said about this request: another attempt may well succeed.
+            metrics.reply_publish_failures.inc();
+            tracing::warn!(delivery_tag = tag, "the broker refused a reply; requeueing");
+            consume
+                .basic_reject(tag, BasicRejectOptions { requeue: true })
+                .now_or_never()
+        }
+        Ok(_) => {
+            settled.answered.inc();
+            consume
+                .basic_ack(tag, BasicAckOptions::default())
+                .now_or_never()
+        }
+        Err(e) => {
+            // The reply channel is gone: ending the session closes the connection, so the
+            // broker redelivers this request and every other one left without a reply.
+            metrics.reply_publish_failures.inc();
+            tracing::warn!(error = %e, "could not publish a reply; reconnecting");
+            session_lost.cancel();
+            return false;
+        }
+    };
+    if let Some(Err(e)) = queued {
+        tracing::debug!(error = %e, delivery_tag = tag, "settling failed");
+    }
+    true
+}
