@@ -1,5 +1,6 @@
-//! The answering side of a delivery: publishing the reply (confirmed when configured) and then
-//! acking, giving work back during a drain, and giving up on poison requests.
+//! The answering side of a delivery: starting the reply and handing it to the settler, which
+//! acks once the reply is in (confirmed when configured); wary replies, published and acked
+//! here one at a time; giving work back during a drain; giving up on poison requests.
 //!
 //! The order is the contract's at-least-once rule: a request is acked only after its reply was
 //! handed to the broker; when that fails the request stays unacked and is redelivered.
