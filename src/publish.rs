@@ -21,11 +21,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use lapin::{Confirmation, PublisherConfirm};
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
 /// A `basic_publish` future that owns its channel and body, so it can outlive its caller.
-pub type PublishFuture =
-    Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send + 'static>>;
+type PublishFuture = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
 
 /// A started publish: its frames are queued; the write and the confirm may still be ahead.
 pub struct Publish(State);
@@ -37,9 +38,21 @@ enum State {
 }
 
 impl Publish {
-    /// Queue the publish's frames without waiting for them to be written. An error here is
-    /// the channel refusing at once (closed).
-    pub fn start(publish: PublishFuture) -> lapin::Result<Self> {
+    /// Publish `body` to `routing_key` on the default exchange: queue the frames without
+    /// waiting for them to be written. An error here is the channel refusing at once (closed).
+    pub fn start(
+        channel: &Channel,
+        routing_key: ShortString,
+        options: BasicPublishOptions,
+        body: Vec<u8>,
+        props: BasicProperties,
+    ) -> lapin::Result<Self> {
+        let channel = channel.clone();
+        let publish = Box::pin(async move {
+            channel
+                .basic_publish("".into(), routing_key, options, &body, props)
+                .await
+        });
         let mut started = Self(State::Writing(publish));
         started.advance()?;
         Ok(started)

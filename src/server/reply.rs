@@ -205,22 +205,14 @@ fn start_reply(
     remaining: Option<Duration>,
 ) -> Result<Publish, lapin::Error> {
     let (body, props) = reply_parts(meta, result, remaining);
-    let (channel, reply_to, body) = (
-        ctx.reply_channel.clone(),
-        reply_to.to_owned(),
+    let options = BasicPublishOptions::default();
+    Publish::start(
+        &ctx.reply_channel,
+        reply_to.into(),
+        options,
         body.to_vec(),
-    );
-    Publish::start(Box::pin(async move {
-        channel
-            .basic_publish(
-                "".into(),
-                reply_to.into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await
-    }))
+        props,
+    )
 }
 
 /// Publish a wary reply on the wary link, one at a time, and wait for it to be handed over.
