@@ -260,8 +260,21 @@ async fn unreachable_broker_is_unavailable_by_the_deadline() {
 /// back in the queue when the connection closes.
 #[tokio::test]
 async fn a_stop_right_after_a_burst_leaves_no_request_unacked() {
+    burst_then_stop(true).await;
+}
+
+/// Without reply confirms, replies and acks share the consume channel; each ack is queued right
+/// behind its reply, and all of them must reach the broker before the connection closes.
+#[tokio::test]
+async fn without_reply_confirms_a_burst_is_answered_and_acked() {
+    burst_then_stop(false).await;
+}
+
+async fn burst_then_stop(confirm_replies: bool) {
     let queue = unique_queue("acked");
-    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let mut config = test_config(&queue);
+    config.service.confirm_replies = confirm_replies;
+    let daemon = TestDaemon::start(config).await;
     let client = client(&queue, Duration::from_secs(10)).await;
     let calls = (0..200u64).map(|i| {
         let client = client.clone();
@@ -269,6 +282,7 @@ async fn a_stop_right_after_a_burst_leaves_no_request_unacked() {
     });
     let results = futures_util::future::join_all(calls).await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 200);
+    daemon.expect_requests("fib", "ok", 200).await;
     daemon.stop().await.expect("clean stop");
     assert_eq!(
         queue_message_count(&queue).await,

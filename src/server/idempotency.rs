@@ -5,6 +5,9 @@
 //! duplicated request gets the same reply without running the handler again; a duplicate that
 //! arrives while the first is still running joins that computation instead of starting a
 //! second (moka's entry API runs one initialiser per key and hands its result to every waiter).
+//! Work answered inline needs no single-flight (it takes microseconds and has no await, so no
+//! duplicate can start meanwhile): its reply is stored with [`Idempotency::remember`] right
+//! after it is sent, which keeps the entry API's cost off the caller's latency.
 //! Attempts are counted so that a request that keeps killing its worker ends as poison.
 
 use std::future::Future;
@@ -64,6 +67,11 @@ impl Idempotency {
     /// A reply already computed for this key.
     pub async fn cached(&self, key: &str) -> Option<CachedReply> {
         self.replies.get(key).await
+    }
+
+    /// Keep a reply computed without single-flight (see `single_flight`).
+    pub async fn remember(&self, key: String, reply: CachedReply) {
+        self.replies.insert(key, reply).await;
     }
 
     /// This delivery's attempt number (1 for the first). Quorum queues count for us

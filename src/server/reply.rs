@@ -1,6 +1,7 @@
-//! The answering side of a delivery: starting the reply and handing it to the settler, which
-//! acks once the reply is in (confirmed when configured); wary replies, published and acked
-//! here one at a time; giving work back during a drain; giving up on poison requests.
+//! The answering side of a delivery: with `confirm_replies`, starting the reply and handing it
+//! to the settler, which acks once the broker confirmed it; without, the reply and the ack
+//! queued in order on the consume channel; wary replies, published and acked here one at a
+//! time; giving work back during a drain; giving up on poison requests.
 //!
 //! The order is the contract's at-least-once rule: a request is acked only after its reply was
 //! handed to the broker; when that fails the request stays unacked and is redelivered.
@@ -12,6 +13,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
+use prometheus::IntCounter;
 
 use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
 use crate::publish::Publish;
@@ -52,14 +54,9 @@ pub(super) async fn answer(
     }
     let answered = ctx.metrics.request(label, outcome);
     if !wary(ctx, meta, delivery) {
-        // The common case: start the reply and let the settler ack once it is in.
-        match start_reply(ctx, reply_to, meta, result, remaining) {
-            Ok(reply) => ctx.settler.hand_over(Settling {
-                reply,
-                delivery_tag: delivery.delivery_tag,
-                answered,
-            }),
-            Err(e) => lost(ctx, &e),
+        match ctx.confirm_replies {
+            true => answer_confirmed(ctx, delivery, reply_to, meta, result, remaining, answered),
+            false => answer_in_order(ctx, delivery, reply_to, meta, result, remaining, answered),
         }
         return;
     }
@@ -88,6 +85,57 @@ pub(super) async fn answer(
             ack(ctx, delivery);
         }
     }
+}
+
+/// The common case with `confirm_replies`: start the reply on the confirm-mode reply channel
+/// and let the settler ack once the broker has confirmed it.
+fn answer_confirmed(
+    ctx: &RequestCtx,
+    delivery: &Delivery,
+    reply_to: &str,
+    meta: &RequestMeta,
+    result: &Result<Vec<u8>, RequestError>,
+    remaining: Option<Duration>,
+    answered: IntCounter,
+) {
+    match start_reply(ctx, reply_to, meta, result, remaining) {
+        Ok(reply) => ctx.settler.hand_over(Settling {
+            reply,
+            delivery_tag: delivery.delivery_tag,
+            answered,
+        }),
+        Err(e) => lost(ctx, &e),
+    }
+}
+
+/// The common case without `confirm_replies`: the reply goes out on the consume channel itself
+/// and the ack is queued right behind it, neither awaited (both are queued on the first poll).
+/// A channel is one ordered stream that the broker handles one method at a time, so it acts on
+/// the ack only after it has routed the reply, and a connection cut between the two leaves the
+/// request unacked. What this gives up against confirms: the reply's fate after routing. A
+/// reply on its way to a caller on another node is lost with that node, while its request is
+/// already acked (the quorum-leader kill test loses a few replies this way; with confirms it
+/// loses none), and a nack from a full or failed callback queue goes unseen.
+fn answer_in_order(
+    ctx: &RequestCtx,
+    delivery: &Delivery,
+    reply_to: &str,
+    meta: &RequestMeta,
+    result: &Result<Vec<u8>, RequestError>,
+    remaining: Option<Duration>,
+    answered: IntCounter,
+) {
+    let (body, props) = reply_parts(meta, result, remaining);
+    let options = BasicPublishOptions::default();
+    let queued = ctx
+        .consume_channel
+        .basic_publish("".into(), reply_to.into(), options, body, props)
+        .now_or_never();
+    if let Some(Err(e)) = queued {
+        return lost(ctx, &e);
+    }
+    answered.inc();
+    ack(ctx, delivery);
 }
 
 /// The reply channel failed: ending the session closes the connection, so the broker

@@ -23,7 +23,7 @@ use crate::server::metrics::Metrics;
 use crate::server::reply;
 use crate::server::reply_link::ReplyLink;
 use crate::server::settle::Settler;
-use crate::service::{Methods, Work};
+use crate::service::{HeavyWork, Methods, Work};
 
 /// An error reply is sent this long before the caller's deadline at the latest, so it still
 /// arrives while the caller waits (a reply after the deadline is only noise).
@@ -41,7 +41,8 @@ pub struct RequestCtx {
     pub max_body_bytes: usize,
     /// Bounds CPU-heavy work to `service.concurrency`; shared across reconnects.
     pub cpu: Arc<Semaphore>,
-    /// Channel replies are published on.
+    /// Channel replies are published on: a confirm-mode channel of its own with
+    /// `confirm_replies`, else the consume channel (acks then follow their replies in order).
     pub reply_channel: Channel,
     /// Where replies that may crash a connection go instead (see [`ReplyLink`]).
     pub wary_replies: ReplyLink,
@@ -143,21 +144,28 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
     let (outcome, replay) = match Idempotency::key(meta, &delivery.data) {
         None => (evaluate(ctx, meta, &delivery.data).await, false),
         Some(key) => {
-            // A first delivery skips the lookup: single-flight below finds a cached reply too
-            // (a client's retry is a first delivery). A redelivery must look first, so a
-            // request already answered replays instead of counting one more attempt.
-            let cached = match delivered_before(meta, &delivery) {
-                false => None,
-                true => ctx.idempotency.cached(&key).await,
-            };
-            if let Some(cached) = cached {
+            if let Some(cached) = ctx.idempotency.cached(&key).await {
                 (Outcome::Reply(cached), true)
             } else {
                 let attempt = ctx.idempotency.attempt(&key, meta, delivery.redelivered);
                 if attempt > ctx.max_deliveries {
                     return reply::give_up(ctx, meta, &delivery, attempt, label).await;
                 }
-                once(ctx, meta, &delivery.data, key).await
+                match prepare(ctx, meta, &delivery.data) {
+                    Prepared::Heavy(work) => once(ctx, meta, &delivery.data, key, work).await,
+                    Prepared::Answer(result) => {
+                        // Answered here, in microseconds, without an await in between: no
+                        // duplicate can start meanwhile, so single-flight has nothing to join,
+                        // and the cache entry is written after the reply is on its way
+                        // (off the caller's latency).
+                        let result = Arc::new(result);
+                        reply::answer(ctx, meta, &delivery, label, &result).await;
+                        if cacheable(&result) {
+                            ctx.idempotency.remember(key, result).await;
+                        }
+                        return;
+                    }
+                }
             }
         }
     };
@@ -186,13 +194,19 @@ async fn expired(ctx: &RequestCtx, delivery: &Delivery) {
     reply::ack(ctx, delivery);
 }
 
-/// Evaluate under single-flight: a duplicate arriving meanwhile joins this computation. Returns
-/// the outcome and whether it was someone else's computation (a replay).
-async fn once(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8], key: String) -> (Outcome, bool) {
+/// Run heavy work under single-flight: a duplicate arriving meanwhile joins this computation.
+/// Returns the outcome and whether it was someone else's computation (a replay).
+async fn once(
+    ctx: &RequestCtx,
+    meta: &RequestMeta,
+    body: &[u8],
+    key: String,
+    work: HeavyWork,
+) -> (Outcome, bool) {
     let ran_here = AtomicBool::new(false);
     let compute = async {
         ran_here.store(true, Ordering::Relaxed);
-        match evaluate(ctx, meta, body).await {
+        match run_heavy(ctx, meta, work).await {
             Outcome::Reply(r) if cacheable(&r) => Ok(r),
             other => Err(other),
         }
@@ -206,50 +220,62 @@ async fn once(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8], key: String) ->
     }
 }
 
-/// The contract's checks in order, then the method itself.
+/// What the contract's checks and the method's `prepare` led to.
+enum Prepared {
+    /// Answered already: an error from the checks, or work cheap enough to do inline.
+    Answer(Result<Vec<u8>, RequestError>),
+    /// Work for the blocking pool.
+    Heavy(HeavyWork),
+}
+
+/// Check, prepare, and run to the end.
 async fn evaluate(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8]) -> Outcome {
+    match prepare(ctx, meta, body) {
+        Prepared::Answer(result) => Outcome::reply(result),
+        Prepared::Heavy(work) => run_heavy(ctx, meta, work).await,
+    }
+}
+
+/// The contract's checks in order, then the method's own `prepare`.
+fn prepare(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8]) -> Prepared {
+    let failed = |e| Prepared::Answer(Err(e));
     if meta.correlation_id.is_none() {
-        return Outcome::reply(Err(RequestError::new(
+        return failed(RequestError::new(
             ErrorCode::InvalidArgument,
             "missing correlation_id: set it so the reply can be matched to the request",
-        )));
+        ));
     }
     if body.len() > ctx.max_body_bytes {
-        return Outcome::reply(Err(RequestError::new(
+        return failed(RequestError::new(
             ErrorCode::ResourceExhausted,
             format!(
                 "request body is {} bytes, over the limit of {} bytes",
                 body.len(),
                 ctx.max_body_bytes
             ),
-        )));
+        ));
     }
     let Some(method) = ctx.methods.get(&meta.method) else {
-        return Outcome::reply(Err(RequestError::new(
+        return failed(RequestError::new(
             ErrorCode::UnknownMethod,
             format!(
                 "unknown method {:?}; this server has: {}",
                 truncate(&meta.method, 64),
                 ctx.methods.names().join(", ")
             ),
-        )));
+        ));
     };
-    let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| method.prepare(body)))
-        .unwrap_or_else(|_| Err(panicked()));
-    match prepared {
-        Err(e) => Outcome::reply(Err(e)),
-        Ok(Work::Done(answer)) => Outcome::reply(Ok(answer)),
-        Ok(Work::Heavy(work)) => run_heavy(ctx, meta, work).await,
+    match std::panic::catch_unwind(AssertUnwindSafe(|| method.prepare(body))) {
+        Err(_) => failed(panicked()),
+        Ok(Err(e)) => failed(e),
+        Ok(Ok(Work::Done(answer))) => Prepared::Answer(Ok(answer)),
+        Ok(Ok(Work::Heavy(work))) => Prepared::Heavy(work),
     }
 }
 
 /// Run CPU work on the blocking pool under the concurrency limit, giving up (with a
 /// `deadline_exceeded` reply that still arrives in time) when the deadline draws near.
-async fn run_heavy(
-    ctx: &RequestCtx,
-    meta: &RequestMeta,
-    work: crate::service::HeavyWork,
-) -> Outcome {
+async fn run_heavy(ctx: &RequestCtx, meta: &RequestMeta, work: HeavyWork) -> Outcome {
     let give_up_at = meta
         .remaining(now_epoch_ms())
         .map(|left| tokio::time::Instant::now() + left.saturating_sub(REPLY_MARGIN));

@@ -74,12 +74,17 @@ pub(super) async fn serve(
         consume
             .basic_qos(service.prefetch, BasicQosOptions::default())
             .await?;
-        let reply = conn.create_channel().await?;
-        if service.confirm_replies {
+        // Without confirms, replies share the consume channel, so that each ack follows its
+        // reply in one ordered stream (see `reply::answer_in_order`).
+        let reply = if service.confirm_replies {
+            let reply = conn.create_channel().await?;
             reply
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
-        }
+            reply
+        } else {
+            consume.clone()
+        };
         let tag = format!(
             "amqp-rpcd-{}-{}",
             std::process::id(),
