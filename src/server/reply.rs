@@ -13,7 +13,6 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
-use prometheus::IntCounter;
 
 use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
 use crate::publish::Publish;
@@ -54,9 +53,49 @@ pub(super) async fn answer(
     }
     let answered = ctx.metrics.request(label, outcome);
     if !wary(ctx, meta, delivery) {
-        match ctx.confirm_replies {
-            true => answer_confirmed(ctx, delivery, reply_to, meta, result, remaining, answered),
-            false => answer_in_order(ctx, delivery, reply_to, meta, result, remaining, answered),
+        let (body, props) = reply_parts(meta, result, remaining);
+        let options = BasicPublishOptions::default();
+        let published = if ctx.confirm_replies {
+            // Start the reply on the confirm-mode reply channel; the settler acks once the
+            // broker has confirmed it.
+            Publish::start(
+                &ctx.reply_channel,
+                reply_to.into(),
+                options,
+                body.to_vec(),
+                props,
+            )
+            .map(|reply| {
+                ctx.settler.hand_over(Settling {
+                    reply,
+                    delivery_tag: delivery.delivery_tag,
+                    answered,
+                })
+            })
+        } else {
+            // The reply goes out on the consume channel itself with the ack queued right
+            // behind it, neither awaited (both are queued on the first poll). The broker
+            // handles a channel's methods in order, so it acts on the ack only after routing
+            // the reply, and a connection cut between the two leaves the request unacked.
+            // What this gives up against confirms is the reply's fate after routing: a reply
+            // on its way to a caller on another node is lost with that node while its request
+            // is already acked (the quorum-leader kill test loses a few this way; with
+            // confirms none), and a nack from a full or failed callback queue goes unseen.
+            let queued = ctx
+                .consume_channel
+                .basic_publish("".into(), reply_to.into(), options, body, props)
+                .now_or_never();
+            match queued {
+                Some(Err(e)) => Err(e),
+                _ => {
+                    answered.inc();
+                    ack(ctx, delivery);
+                    Ok(())
+                }
+            }
+        };
+        if let Err(e) = published {
+            lost(ctx, &e);
         }
         return;
     }
@@ -85,57 +124,6 @@ pub(super) async fn answer(
             ack(ctx, delivery);
         }
     }
-}
-
-/// The common case with `confirm_replies`: start the reply on the confirm-mode reply channel
-/// and let the settler ack once the broker has confirmed it.
-fn answer_confirmed(
-    ctx: &RequestCtx,
-    delivery: &Delivery,
-    reply_to: &str,
-    meta: &RequestMeta,
-    result: &Result<Vec<u8>, RequestError>,
-    remaining: Option<Duration>,
-    answered: IntCounter,
-) {
-    match start_reply(ctx, reply_to, meta, result, remaining) {
-        Ok(reply) => ctx.settler.hand_over(Settling {
-            reply,
-            delivery_tag: delivery.delivery_tag,
-            answered,
-        }),
-        Err(e) => lost(ctx, &e),
-    }
-}
-
-/// The common case without `confirm_replies`: the reply goes out on the consume channel itself
-/// and the ack is queued right behind it, neither awaited (both are queued on the first poll).
-/// A channel is one ordered stream that the broker handles one method at a time, so it acts on
-/// the ack only after it has routed the reply, and a connection cut between the two leaves the
-/// request unacked. What this gives up against confirms: the reply's fate after routing. A
-/// reply on its way to a caller on another node is lost with that node, while its request is
-/// already acked (the quorum-leader kill test loses a few replies this way; with confirms it
-/// loses none), and a nack from a full or failed callback queue goes unseen.
-fn answer_in_order(
-    ctx: &RequestCtx,
-    delivery: &Delivery,
-    reply_to: &str,
-    meta: &RequestMeta,
-    result: &Result<Vec<u8>, RequestError>,
-    remaining: Option<Duration>,
-    answered: IntCounter,
-) {
-    let (body, props) = reply_parts(meta, result, remaining);
-    let options = BasicPublishOptions::default();
-    let queued = ctx
-        .consume_channel
-        .basic_publish("".into(), reply_to.into(), options, body, props)
-        .now_or_never();
-    if let Some(Err(e)) = queued {
-        return lost(ctx, &e);
-    }
-    answered.inc();
-    ack(ctx, delivery);
 }
 
 /// The reply channel failed: ending the session closes the connection, so the broker
@@ -242,25 +230,6 @@ fn reply_parts<'r>(
     };
     let props = reply_properties(meta.correlation_id.as_deref(), code, remaining);
     (body, props)
-}
-
-/// Start publishing a reply on the reply channel, without waiting for its write or confirm.
-fn start_reply(
-    ctx: &RequestCtx,
-    reply_to: &str,
-    meta: &RequestMeta,
-    result: &Result<Vec<u8>, RequestError>,
-    remaining: Option<Duration>,
-) -> Result<Publish, lapin::Error> {
-    let (body, props) = reply_parts(meta, result, remaining);
-    let options = BasicPublishOptions::default();
-    Publish::start(
-        &ctx.reply_channel,
-        reply_to.into(),
-        options,
-        body.to_vec(),
-        props,
-    )
 }
 
 /// Publish a wary reply on the wary link, one at a time, and wait for it to be handed over.
