@@ -283,11 +283,22 @@ async fn burst_then_stop(confirm_replies: bool) {
     let results = futures_util::future::join_all(calls).await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 200);
     daemon.expect_requests("fib", "ok", 200).await;
+    let ack_frames = daemon.metrics.ack_frames.clone();
     daemon.stop().await.expect("clean stop");
     assert_eq!(
         queue_message_count(&queue).await,
         0,
         "every answered request was acked before the connection closed"
     );
+    // With confirms, requests whose replies are confirmed together are acked by one
+    // `multiple` frame (ledger.rs); without, each ack follows its own reply.
+    match confirm_replies {
+        true => assert!(
+            ack_frames.get() < 200,
+            "200 requests in flight at once settle in batches, got {} ack frames",
+            ack_frames.get()
+        ),
+        false => assert_eq!(ack_frames.get(), 200),
+    }
     delete_queue(&queue).await;
 }

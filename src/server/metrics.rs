@@ -33,6 +33,8 @@ pub struct Metrics {
     pub connection_up: IntGauge,
     /// `amqp_rpc_reconnects_total`.
     pub reconnects: IntCounter,
+    /// `amqp_rpc_ack_frames_total`: `basic.ack` frames sent (see `ledger.rs`).
+    pub ack_frames: IntCounter,
 }
 
 impl Metrics {
@@ -93,6 +95,11 @@ impl Metrics {
                 "amqp_rpc_reconnects_total",
                 "Broker connections re-established after a loss",
             )?,
+            ack_frames: IntCounter::new(
+                "amqp_rpc_ack_frames_total",
+                "basic.ack frames sent; one frame acks every request settled together \
+                 (multiple=true), so under load this grows slower than the requests answered",
+            )?,
         };
         let build_info = IntGaugeVec::new(
             Opts::new("amqp_rpc_build_info", "Build information"),
@@ -112,6 +119,7 @@ impl Metrics {
         registry.register(Box::new(m.reply_publish_failures.clone()))?;
         registry.register(Box::new(m.connection_up.clone()))?;
         registry.register(Box::new(m.reconnects.clone()))?;
+        registry.register(Box::new(m.ack_frames.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(m)
     }

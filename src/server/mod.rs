@@ -24,6 +24,7 @@ use crate::systemd;
 use idempotency::Idempotency;
 
 mod idempotency;
+mod ledger;
 pub mod metrics;
 mod reply;
 mod reply_link;

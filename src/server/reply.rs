@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
@@ -108,7 +108,7 @@ pub(super) async fn answer(
             // Nothing was said about this request: another attempt may well succeed.
             ctx.metrics.reply_publish_failures.inc();
             tracing::warn!(error = %failure, "reply not handed over; requeueing the request");
-            requeue(delivery).await;
+            requeue(ctx, delivery);
         }
         Err(PublishFailure::Wary(e)) => {
             // Wary replies go one at a time, so this reply is what broke the link (the next
@@ -307,17 +307,15 @@ pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &D
             return;
         }
     }
-    requeue(delivery).await;
+    requeue(ctx, delivery);
 }
 
-async fn requeue(delivery: &Delivery) {
-    let _ = delivery
-        .acker
-        .reject(BasicRejectOptions { requeue: true })
-        .await;
+/// Requeue a request, through the ledger (see `ledger.rs`).
+fn requeue(ctx: &RequestCtx, delivery: &Delivery) {
+    ctx.ledger.reject(delivery.delivery_tag, true);
 }
 
-/// Acknowledge a delivery on the consume channel, without waiting.
+/// Acknowledge a delivery on the consume channel, through the ledger, without waiting.
 ///
 /// lapin's `Acker::ack` goes through its internal RPC task and then waits until the frame is
 /// written: two thread hand-offs per request that tell nothing (the broker never confirms an
@@ -325,13 +323,5 @@ async fn requeue(delivery: &Delivery) {
 /// its first poll, which is all we need: an ack can only be lost with its connection, and then
 /// the broker redelivers the request, which the reply cache answers again.
 pub(super) fn ack(ctx: &RequestCtx, delivery: &Delivery) {
-    let queued = ctx
-        .consume_channel
-        .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
-        .now_or_never();
-    if let Some(Err(e)) = queued {
-        // The channel died under us; the broker redelivers, and the reply (if any) is a
-        // harmless duplicate the caller drops.
-        tracing::debug!(error = %e, "ack failed");
-    }
+    ctx.ledger.ack(delivery.delivery_tag);
 }

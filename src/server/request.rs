@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::protocol::{now_epoch_ms, ErrorCode, RequestError, RequestMeta};
 use crate::server::idempotency::{cacheable, CachedReply, Idempotency};
+use crate::server::ledger::Ledger;
 use crate::server::metrics::Metrics;
 use crate::server::reply;
 use crate::server::reply_link::ReplyLink;
@@ -65,6 +66,8 @@ pub struct RequestCtx {
     pub dead_letter_queue: String,
     /// Acks requests once their replies are in (see `settle.rs`).
     pub(super) settler: Settler,
+    /// Every ack and reject of the consume channel goes through it (see `ledger.rs`).
+    pub(super) ledger: Arc<Ledger>,
     /// Cancelled when a request finds the connection's channels broken: the session ends
     /// and the daemon reconnects.
     pub session_lost: CancellationToken,

@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::liveness::{Liveness, BEAT_EVERY};
 use crate::protocol::RequestMeta;
 use crate::server::idempotency::Idempotency;
+use crate::server::ledger::Ledger;
 use crate::server::metrics::Metrics;
 use crate::server::reply;
 use crate::server::reply_link::ReplyLink;
@@ -75,7 +76,7 @@ pub(super) async fn serve(
             .basic_qos(service.prefetch, BasicQosOptions::default())
             .await?;
         // Without confirms, replies share the consume channel, so that each ack follows its
-        // reply in one ordered stream (see `reply::answer_in_order`).
+        // reply in one ordered stream (see `reply::answer`).
         let reply = if service.confirm_replies {
             let reply = conn.create_channel().await?;
             reply
@@ -115,8 +116,12 @@ pub(super) async fn serve(
     };
     let session_lost = CancellationToken::new();
     let closing = CancellationToken::new();
-    let (settler, settler_task) = Settler::spawn(
+    let ledger = Arc::new(Ledger::new(
         consume.clone(),
+        parts.metrics.ack_frames.clone(),
+    ));
+    let (settler, settler_task) = Settler::spawn(
+        ledger.clone(),
         parts.metrics.clone(),
         session_lost.clone(),
         closing.clone(),
@@ -138,6 +143,7 @@ pub(super) async fn serve(
         max_deliveries: service.max_deliveries,
         dead_letter_queue: service.dead_letter_queue.clone(),
         settler,
+        ledger,
         session_lost,
     });
     parts.ready.send_replace(true);
@@ -156,6 +162,7 @@ pub(super) async fn serve(
             _ = ctx.session_lost.cancelled() => break Some("a reply could not be published".to_owned()),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
+                    ctx.ledger.delivered(delivery.delivery_tag);
                     tracker.spawn(request::handle(ctx.clone(), delivery));
                 }
                 Some(Err(e)) => break Some(format!("consumer error: {e}")),
@@ -187,6 +194,7 @@ pub(super) async fn serve(
     let give_back = async {
         let mut returned = 0u32;
         while let Some(Ok(delivery)) = consumer.next().await {
+            ctx.ledger.delivered(delivery.delivery_tag);
             let meta = RequestMeta::from_properties(&delivery.properties);
             reply::give_back(&ctx, &meta, &delivery).await;
             returned += 1;

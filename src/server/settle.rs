@@ -11,19 +11,20 @@
 //!
 //! Replies are settled in the order they were published, which is the order the broker writes
 //! them and confirms them in, so looking at the oldest first is enough. The acks of everything
-//! settled at one look are queued together, so lapin writes them together.
+//! settled at one look go to the ledger as one batch: one `multiple` ack where they are
+//! contiguous (see `ledger.rs`).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use lapin::{Channel, Confirmation};
+use lapin::Confirmation;
 use prometheus::IntCounter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::publish::Publish;
+use crate::server::ledger::Ledger;
 use crate::server::metrics::Metrics;
 
 /// How long the settler waits for another hand-over before it waits for the oldest reply's
@@ -51,13 +52,13 @@ impl Settler {
     /// once when the session is lost (`session_lost`), leaving the rest unacked for the broker
     /// to redeliver.
     pub fn spawn(
-        consume: Channel,
+        ledger: Arc<Ledger>,
         metrics: Metrics,
         session_lost: CancellationToken,
         closing: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(rx, consume, metrics, session_lost, closing));
+        let task = tokio::spawn(run(rx, ledger, metrics, session_lost, closing));
         (Settler { tx }, task)
     }
 
@@ -78,12 +79,13 @@ impl std::fmt::Debug for Settling {
 
 async fn run(
     mut rx: mpsc::UnboundedReceiver<Settling>,
-    consume: Channel,
+    ledger: Arc<Ledger>,
     metrics: Metrics,
     session_lost: CancellationToken,
     closing: CancellationToken,
 ) {
     let mut waiting: VecDeque<Settling> = VecDeque::new();
+    let mut acks: Vec<u64> = Vec::new();
     let mut open = true;
     loop {
         // Everything already in, oldest first, without registering a wake-up.
@@ -92,10 +94,19 @@ async fn run(
                 break;
             };
             let settled = waiting.pop_front().expect("front exists");
-            if !settle(&consume, &metrics, &session_lost, settled, verdict) {
+            if !settle(
+                &ledger,
+                &metrics,
+                &session_lost,
+                settled,
+                verdict,
+                &mut acks,
+            ) {
                 return;
             }
         }
+        ledger.ack_all(&mut acks);
+        acks.clear();
         if waiting.is_empty() && !open {
             return;
         }
@@ -129,7 +140,7 @@ async fn run(
             },
             verdict = oldest => {
                 let settled = waiting.pop_front().expect("awaited the front");
-                if !settle(&consume, &metrics, &session_lost, settled, verdict) {
+                if !settle(&ledger, &metrics, &session_lost, settled, verdict, &mut acks) {
                     return;
                 }
             }
@@ -137,32 +148,27 @@ async fn run(
     }
 }
 
-/// Ack (or requeue) one request by its reply's verdict; `false` when the session is lost.
+/// Settle one request by its reply's verdict: its tag joins `acks`, or it is requeued at once;
+/// `false` when the session is lost.
 fn settle(
-    consume: &Channel,
+    ledger: &Ledger,
     metrics: &Metrics,
     session_lost: &CancellationToken,
     settled: Settling,
     verdict: lapin::Result<Confirmation>,
+    acks: &mut Vec<u64>,
 ) -> bool {
     let tag = settled.delivery_tag;
-    // `now_or_never`: the frames are queued on the first poll, and waiting for their write
-    // would cost a wake-up that tells nothing (the broker never confirms an ack). A frame
-    // lost with its connection means a redelivery, which the reply cache answers again.
-    let queued = match verdict {
+    match verdict {
         Ok(Confirmation::Nack(_)) => {
             // Nothing was said about this request: another attempt may well succeed.
             metrics.reply_publish_failures.inc();
             tracing::warn!(delivery_tag = tag, "the broker refused a reply; requeueing");
-            consume
-                .basic_reject(tag, BasicRejectOptions { requeue: true })
-                .now_or_never()
+            ledger.reject(tag, true);
         }
         Ok(_) => {
             settled.answered.inc();
-            consume
-                .basic_ack(tag, BasicAckOptions::default())
-                .now_or_never()
+            acks.push(tag);
         }
         Err(e) => {
             // The reply channel is gone: ending the session closes the connection, so the
@@ -172,9 +178,6 @@ fn settle(
             session_lost.cancel();
             return false;
         }
-    };
-    if let Some(Err(e)) = queued {
-        tracing::debug!(error = %e, delivery_tag = tag, "settling failed");
     }
     true
 }
