@@ -87,12 +87,15 @@ def proc_rss_kib(pid):
 
 
 def machine_ticks():
-    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    """(busy, total, steal) jiffies of all CPUs, from /proc/stat. Steal is time the hypervisor
+    gave our virtual CPUs to someone else: on a shared host it is the main source of noise
+    between runs, so it is reported next to every figure and not counted as busy."""
     with open('/proc/stat') as f:
         v = [int(x) for x in f.readline().split()[1:]]
     idle = v[3] + (v[4] if len(v) > 4 else 0)
+    steal = v[7] if len(v) > 7 else 0
     total = sum(v[:8])
-    return total - idle, total
+    return total - idle - steal, total, steal
 
 
 def broker_pid():
@@ -247,6 +250,7 @@ def measure(system, queue, conc, a, url, host, port, server_pid, broker):
     busy = m1[0] - m0[0]
     total = m1[1] - m0[1]
     rep['machine_busy_pct'] = 100.0 * os.cpu_count() * busy / total if total else None
+    rep['steal_pct'] = 100.0 * (m1[2] - m0[2]) / total if total else None
     rep['server_rss_kib'] = proc_rss_kib(server_pid) if server_pid else None
     rep['wall_secs'] = wall
     return rep
@@ -293,12 +297,14 @@ def report(results, concs, systems, a, meta):
       f"the machine has {os.cpu_count()} cores, so 100% × {os.cpu_count()} is all of it. "
       '"server" is amqp-rpcd, the bare echo server or the tutorial server; "client" is the '
       'bench process (all its processes for pika); "machine" is all CPU use, including '
-      'other programs. RSS is the server\'s VmRSS after its last run at that concurrency. '
+      'other programs. "steal" is the share of the machine\'s CPU time the hypervisor gave to '
+      'other guests (high steal means a noisy run). '
+      'RSS is the server\'s VmRSS after its last run at that concurrency. '
       'calls/s range is min–max of the runs.')
     p('')
     p('| conc | system | calls/s | calls/s range | p50 | p99 | errors | server CPU | '
-      'broker CPU | client CPU | machine | server RSS |')
-    p('|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+      'broker CPU | client CPU | machine | steal | server RSS |')
+    p('|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     med_tab = {}
     for c in concs:
         for s in systems:
@@ -307,7 +313,7 @@ def report(results, concs, systems, a, meta):
                 continue
             m = {k: med([r.get(k) for r in runs]) for k in
                  ('calls_per_sec', 'p50_us', 'p99_us', 'server_cpu_pct', 'broker_cpu_pct',
-                  'client_cpu_pct', 'machine_busy_pct')}
+                  'client_cpu_pct', 'machine_busy_pct', 'steal_pct')}
             m['errors'] = sum(r['errors'] for r in runs)
             m['rss'] = runs[-1].get('server_rss_kib')
             cps = [r['calls_per_sec'] for r in runs]
@@ -316,7 +322,7 @@ def report(results, concs, systems, a, meta):
               f"{f_int(min(cps))}–{f_int(max(cps))} | {f_int(m['p50_us'])} | "
               f"{f_int(m['p99_us'])} | {m['errors']} | {f_pct(m['server_cpu_pct'])} | "
               f"{f_pct(m['broker_cpu_pct'])} | {f_pct(m['client_cpu_pct'])} | "
-              f"{f_pct(m['machine_busy_pct'])} | "
+              f"{f_pct(m['machine_busy_pct'])} | {f_pct(m['steal_pct'])} | "
               f"{f_mib(m['rss'])} |")
     p('')
 
@@ -452,7 +458,8 @@ def main():
                         f"srv {f_pct(rep['server_cpu_pct'])} "
                         f"broker {f_pct(rep['broker_cpu_pct'])} "
                         f"client {f_pct(rep['client_cpu_pct'])} "
-                        f"machine {f_pct(rep['machine_busy_pct'])}")
+                        f"machine {f_pct(rep['machine_busy_pct'])} "
+                        f"steal {f_pct(rep['steal_pct'])}")
                     if rep['errors']:
                         log(f"  error kinds: {rep.get('error_kinds')}")
     finally:
