@@ -18,6 +18,7 @@ Builds nothing: run `cargo build --release --bins --examples` first. Python 3 st
     python3 bench/compare.py                                    # everything, defaults
     python3 bench/compare.py --duration 8s --warmup 2s --concurrency 1 64
     python3 bench/compare.py --queue-type quorum                # amqp-rpc only (see --help)
+    python3 bench/compare.py --max-steal 10      # repeat rounds a noisy host disturbed
 """
 import argparse
 import json
@@ -301,6 +302,10 @@ def report(results, concs, systems, a, meta):
       'other guests (high steal means a noisy run). '
       'RSS is the server\'s VmRSS after its last run at that concurrency. '
       'calls/s range is min–max of the runs.')
+    if meta.get('discarded'):
+        p('')
+        p(f"Rounds discarded and run again because a run saw more than {a.max_steal:g}% steal: "
+          f"{meta['discarded']}.")
     p('')
     p('| conc | system | calls/s | calls/s range | p50 | p99 | errors | server CPU | '
       'broker CPU | client CPU | machine | steal | server RSS |')
@@ -399,6 +404,12 @@ def main():
                          ' the bare echo server and the tutorial server declare classic '
                          'non-durable queues and would fail with PRECONDITION_FAILED on a '
                          'quorum queue.')
+    ap.add_argument('--max-steal', type=float, default=None, metavar='PCT',
+                    help='repeat a round (every system once) in which any run saw more than '
+                         'PCT%% CPU steal, up to --steal-retries times; on a shared host, '
+                         'steal is what makes neighbouring runs disagree (default: keep all)')
+    ap.add_argument('--steal-retries', type=int, default=5,
+                    help='repeats of one round at most, with --max-steal (default: 5)')
     a = ap.parse_args()
 
     missing = [p for p in (RPCD, RPC, BARE) if not os.access(p, os.X_OK)]
@@ -447,21 +458,32 @@ def main():
         for c in a.concurrency:
             sys_c = [s for s in systems if s != 'pika' or c in (a.pika_concurrency or [])]
             for i in range(a.runs):
-                for s in sys_c:
-                    srv = servers[s]
-                    rep = measure(s, queues[s], c, a, a.url, host, port,
-                                  srv.pid, broker)
+                for attempt in range(a.steal_retries + 1):
+                    round_ = {}
+                    for s in sys_c:
+                        srv = servers[s]
+                        rep = measure(s, queues[s], c, a, a.url, host, port,
+                                      srv.pid, broker)
+                        round_[s] = rep
+                        log(f'c={c:<4} run {i + 1}/{a.runs} {NAMES[s]:<13} '
+                            f"{rep['calls_per_sec']:>9.0f} calls/s  p50 {rep['p50_us']:>6}us  "
+                            f"p99 {rep['p99_us']:>6}us  err {rep['errors']}  "
+                            f"srv {f_pct(rep['server_cpu_pct'])} "
+                            f"broker {f_pct(rep['broker_cpu_pct'])} "
+                            f"client {f_pct(rep['client_cpu_pct'])} "
+                            f"machine {f_pct(rep['machine_busy_pct'])} "
+                            f"steal {f_pct(rep['steal_pct'])}")
+                        if rep['errors']:
+                            log(f"  error kinds: {rep.get('error_kinds')}")
+                    stolen = max((r['steal_pct'] or 0) for r in round_.values())
+                    if (a.max_steal is None or stolen <= a.max_steal
+                            or attempt == a.steal_retries):
+                        break
+                    # The whole round again, so the systems stay measured side by side.
+                    meta['discarded'] = meta.get('discarded', 0) + 1
+                    log(f'  round discarded: steal {stolen:.0f}% > {a.max_steal:g}%')
+                for s, rep in round_.items():
                     results.setdefault((s, c), []).append(rep)
-                    log(f'c={c:<4} run {i + 1}/{a.runs} {NAMES[s]:<13} '
-                        f"{rep['calls_per_sec']:>9.0f} calls/s  p50 {rep['p50_us']:>6}us  "
-                        f"p99 {rep['p99_us']:>6}us  err {rep['errors']}  "
-                        f"srv {f_pct(rep['server_cpu_pct'])} "
-                        f"broker {f_pct(rep['broker_cpu_pct'])} "
-                        f"client {f_pct(rep['client_cpu_pct'])} "
-                        f"machine {f_pct(rep['machine_busy_pct'])} "
-                        f"steal {f_pct(rep['steal_pct'])}")
-                    if rep['errors']:
-                        log(f"  error kinds: {rep.get('error_kinds')}")
     finally:
         for s, srv in servers.items():
             srv.stop()
