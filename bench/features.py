@@ -176,6 +176,7 @@ def measure(argv, url, a, srv, broker):
                                      (ru0.ru_utime + ru0.ru_stime)) / wall
     busy, total = m1[0] - m0[0], m1[1] - m0[1]
     rep['machine_busy_pct'] = 100.0 * os.cpu_count() * busy / total if total else None
+    rep['steal_pct'] = 100.0 * (m1[2] - m0[2]) / total if total else None
     # CPU per call: the CPU share over the whole run (warm-up and connect included) divided by
     # the measured rate, in µs; assumes the warm-up ran at about the measured rate.
     for who in ('server', 'broker', 'client'):
@@ -189,7 +190,7 @@ def measure(argv, url, a, srv, broker):
 
 KEYS = ('calls_per_sec', 'p50_us', 'p99_us', 'server_cpu_pct', 'broker_cpu_pct',
         'client_cpu_pct', 'machine_busy_pct', 'server_us_per_call', 'broker_us_per_call',
-        'client_us_per_call')
+        'client_us_per_call', 'steal_pct')
 
 
 def medians(runs):
@@ -224,8 +225,8 @@ def ladder_table(p, title, rows, labels, med_tab, c):
     p(title)
     p('')
     p('| configuration | calls/s | Δ calls/s | p50 | Δ p50 | p99 | Δ p99 | server CPU/call | '
-      'client CPU/call | broker CPU/call | errors |')
-    p('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+      'client CPU/call | broker CPU/call | steal | errors |')
+    p('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     for r in rows:
         m = med_tab.get((r, c))
         if not m:
@@ -236,7 +237,7 @@ def ladder_table(p, title, rows, labels, med_tab, c):
         p(f"| {labels[r]} | {C.f_int(m['calls_per_sec'])} | {d('calls_per_sec')} | "
           f"{C.f_int(m['p50_us'])} | {d('p50_us')} | {C.f_int(m['p99_us'])} | {d('p99_us')} | "
           f"{f_us(m['server_us_per_call'])} | {f_us(m['client_us_per_call'])} | "
-          f"{f_us(m['broker_us_per_call'])} | {m['errors']} |")
+          f"{f_us(m['broker_us_per_call'])} | {C.f_pct(m['steal_pct'])} | {m['errors']} |")
     p('')
 
 
@@ -258,7 +259,7 @@ def cost_table(p, title, costs, med_tab, concs):
     p('')
 
 
-def report(results, a, ladders):
+def report(results, a, ladders, discarded=()):
     out = []
     p = out.append
     med_tab = {k: medians(v) for k, v in results.items()}
@@ -272,7 +273,12 @@ def report(results, a, ladders):
       'amqp-rpcd, "client" the bench process, "broker" the RabbitMQ node. '
       f'The machine has {os.cpu_count()} cores, shared by the broker, the server and the '
       'load generator. errors: calls that failed, plus error replies counted by amqp-rpcd '
-      '(its /metrics, warm-up included), which the bare client would take for success.')
+      '(its /metrics, warm-up included), which the bare client would take for success. '
+      'steal: the share of the machine\'s CPU time the hypervisor gave to other guests.')
+    if a.max_steal is not None:
+        p('')
+        p(f'Runs repeated because they saw more than {a.max_steal:g}% steal: '
+          f'{len(discarded)}.')
     p('')
     for c in a.concurrency:
         if 'client' in ladders:
@@ -316,6 +322,11 @@ def main():
                     help='unrecorded, e.g. 2s (default)')
     ap.add_argument('--arg', default='10', help='request body (default 10: fib(10) for '
                                                 'amqp-rpcd, echoed by the bare server)')
+    ap.add_argument('--max-steal', type=float, default=None, metavar='PCT',
+                    help='repeat a run that saw more than PCT%% CPU steal, up to '
+                         '--steal-retries times (default: keep all)')
+    ap.add_argument('--steal-retries', type=int, default=3,
+                    help='repeats of one run at most, with --max-steal (default: 3)')
     a = ap.parse_args()
 
     missing = [x for x in (C.RPCD, C.RPC, C.BARE) if not os.access(x, os.X_OK)]
@@ -338,6 +349,7 @@ def main():
 
     servers = {}
     results = {}
+    discarded = []
     t_begin = time.monotonic()
     try:
         for s in sorted(needed):
@@ -360,23 +372,30 @@ def main():
             for i in range(a.runs):
                 for cid, label, sid, kind, flags in configs:
                     argv = client_argv(kind, flags, queues[sid], c, a)
-                    rep = measure(argv, a.url, a, servers[sid], broker)
+                    for attempt in range(a.steal_retries + 1):
+                        rep = measure(argv, a.url, a, servers[sid], broker)
+                        C.log(f'c={c:<4} run {i + 1}/{a.runs} {label:<36} '
+                              f"{rep['calls_per_sec']:>8.0f} calls/s  p50 {rep['p50_us']:>6}us  "
+                              f"p99 {rep['p99_us']:>6}us  err {rep['errors']}  "
+                              f"srv {C.f_pct(rep['server_cpu_pct'])} "
+                              f"broker {C.f_pct(rep['broker_cpu_pct'])} "
+                              f"client {C.f_pct(rep['client_cpu_pct'])} "
+                              f"machine {C.f_pct(rep['machine_busy_pct'])} "
+                              f"steal {C.f_pct(rep['steal_pct'])}")
+                        if rep['errors']:
+                            C.log(f"  error kinds: {rep.get('error_kinds')}")
+                        if (a.max_steal is None or (rep['steal_pct'] or 0) <= a.max_steal
+                                or attempt == a.steal_retries):
+                            break
+                        discarded.append((cid, c))
+                        C.log(f"  run repeated: steal {rep['steal_pct']:.0f}% > {a.max_steal:g}%")
                     results.setdefault((cid, c), []).append(rep)
-                    C.log(f'c={c:<4} run {i + 1}/{a.runs} {label:<36} '
-                          f"{rep['calls_per_sec']:>8.0f} calls/s  p50 {rep['p50_us']:>6}us  "
-                          f"p99 {rep['p99_us']:>6}us  err {rep['errors']}  "
-                          f"srv {C.f_pct(rep['server_cpu_pct'])} "
-                          f"broker {C.f_pct(rep['broker_cpu_pct'])} "
-                          f"client {C.f_pct(rep['client_cpu_pct'])} "
-                          f"machine {C.f_pct(rep['machine_busy_pct'])}")
-                    if rep['errors']:
-                        C.log(f"  error kinds: {rep.get('error_kinds')}")
     finally:
         for srv in servers.values():
             srv.stop()
         C.delete_queues(queues.values())
     took = time.monotonic() - t_begin
-    print(report(results, a, ladders))
+    print(report(results, a, ladders, discarded))
     print(f'_Run took {took / 60:.1f} min._')
     return 0
 

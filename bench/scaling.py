@@ -117,6 +117,7 @@ def measure(queue, arg, conc, a, group, broker):
                                      (ru0.ru_utime + ru0.ru_stime)) / wall
     busy, total = m1[0] - m0[0], m1[1] - m0[1]
     rep['machine_busy_pct'] = 100.0 * os.cpu_count() * busy / total if total else None
+    rep['steal_pct'] = 100.0 * (m1[2] - m0[2]) / total if total else None
     rep['daemon_requests'] = [None if x is None or y is None else y - x
                               for x, y in zip(req0, req1)]
     p = rep['daemon_cpu_pct']
@@ -131,7 +132,8 @@ def run_line(label, i, a, rep):
           f'p50 {rep["p50_us"]:>6}us  p99 {rep["p99_us"]:>6}us  err {rep["errors"]}  '
           f'daemons {C.f_pct(rep["daemon_cpu_pct"])} broker {C.f_pct(rep["broker_cpu_pct"])} '
           f'client {C.f_pct(rep["client_cpu_pct"])} machine '
-          f'{C.f_pct(rep["machine_busy_pct"])}  requests per daemon {shares}')
+          f'{C.f_pct(rep["machine_busy_pct"])}  steal {C.f_pct(rep["steal_pct"])}  '
+          f'requests per daemon {shares}')
     if rep['errors']:
         C.log(f'  error kinds: {rep.get("error_kinds")}')
 
