@@ -21,144 +21,26 @@ Builds nothing: run `cargo build --release --bins --examples` first. Python 3 st
     python3 bench/compare.py --max-steal 10      # repeat rounds a noisy host disturbed
 """
 import argparse
-import json
 import os
-import re
-import resource
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RPCD = os.path.join(ROOT, 'target/release/amqp-rpcd')
-RPC = os.path.join(ROOT, 'target/release/amqp-rpc')
-BARE = os.path.join(ROOT, 'target/release/examples/bare_echo')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (  # noqa: E402  (features.py and scaling.py reach these as compare.X)
+    BARE, CONFIG, DEFAULT_URL, ROOT, RPC, RPCD, CpuWindow, Server, broker_pid, delete_queues,
+    f_int, f_mib, f_pct, f_ratio, fmt_dur, free_port, log, med, parse_duration, proc_rss_kib,
+    ratio, run_json)
+
 TUTORIAL_SERVER = os.path.join(ROOT, 'tests/interop/tutorial_server.py')
 PIKA_BENCH = os.path.join(ROOT, 'bench/pika_bench.py')
-CONFIG = os.path.join(ROOT, 'config.toml')
-DEFAULT_URL = 'amqp://guest:guest@127.0.0.1:5672/%2f'
-CLK_TCK = os.sysconf('SC_CLK_TCK')
 NAMES = {'rpc': 'amqp-rpc', 'bare': 'bare echo', 'pika': 'pika tutorial'}
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def parse_duration(s):
-    m = re.fullmatch(r'\s*([0-9.]+)\s*(ms|s|m|)\s*', s)
-    if not m:
-        raise argparse.ArgumentTypeError(f'bad duration {s!r}')
-    return float(m.group(1)) * {'ms': 0.001, 's': 1.0, 'm': 60.0, '': 1.0}[m.group(2)]
-
-
-def fmt_dur(secs):
-    return f'{int(secs * 1000)}ms' if secs < 1 or secs != int(secs) else f'{int(secs)}s'
-
-
-# --- /proc sampling -----------------------------------------------------------------------
-
-def proc_cpu_ticks(pid):
-    """utime + stime of a process, in clock ticks (None if it is gone)."""
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            s = f.read()
-    except OSError:
-        return None
-    fields = s[s.rindex(')') + 2:].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-
-
-def proc_rss_kib(pid):
-    try:
-        with open(f'/proc/{pid}/status') as f:
-            for line in f:
-                if line.startswith('VmRSS:'):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def machine_ticks():
-    """(busy, total, steal) jiffies of all CPUs, from /proc/stat. Steal is time the hypervisor
-    gave our virtual CPUs to someone else: on a shared host it is the main source of noise
-    between runs, so it is reported next to every figure and not counted as busy."""
-    with open('/proc/stat') as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    steal = v[7] if len(v) > 7 else 0
-    total = sum(v[:8])
-    return total - idle - steal, total, steal
-
-
-def broker_pid():
-    try:
-        out = subprocess.run(['rabbitmqctl', 'status'], capture_output=True, text=True,
-                             timeout=30).stdout
-        m = re.search(r'OS PID:\s*(\d+)', out)
-        if m:
-            return int(m.group(1))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    out = subprocess.run(['pgrep', '-f', 'beam.smp.*rabbit'], capture_output=True,
-                         text=True).stdout.split()
-    return int(out[0]) if out else None
-
-
 # --- servers ------------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server process whose stderr goes to a temp file, ready when `ready()` says so."""
-
-    def __init__(self, name, argv, env, ready, stdout=subprocess.DEVNULL, timeout=30):
-        self.name = name
-        self.errfile = tempfile.NamedTemporaryFile(prefix=f'bench-{name}-', suffix='.log',
-                                                   delete=False)
-        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=stdout,
-                                     stderr=self.errfile, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not ready(self):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f'{name} did not become ready; its log:\n{self.log()}')
-            time.sleep(0.1)
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def log(self):
-        with open(self.errfile.name, errors='replace') as f:
-            return f.read()[-4000:]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.errfile.close()
-        try:
-            os.unlink(self.errfile.name)
-        except OSError:
-            pass
-
 
 def start_rpcd(queue, queue_type, url):
     port = free_port()
@@ -218,71 +100,20 @@ def run_client(system, queue, conc, a, url, host, port):
     else:
         argv = [sys.executable, PIKA_BENCH, '--queue', queue, '--arg', a.arg] + common
         env.update(AMQP_HOST=host, AMQP_PORT=str(port))
-    r = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=a.duration + a.warmup + 120)
-    lines = [l for l in r.stdout.splitlines() if l.strip()]
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, ValueError):
-        raise RuntimeError(f'{system} bench failed (exit {r.returncode}):\n'
-                           f'{r.stdout[-2000:]}\n{r.stderr[-2000:]}')
+    return run_json(argv, env, a.duration + a.warmup + 120)
 
 
 def measure(system, queue, conc, a, url, host, port, server_pid, broker):
     """Run one bench; add CPU of the server, the broker, the client and the machine."""
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    s0 = proc_cpu_ticks(server_pid) if server_pid else None
-    b0 = proc_cpu_ticks(broker) if broker else None
-    m0 = machine_ticks()
-    t0 = time.monotonic()
+    window = CpuWindow([server_pid] if server_pid else [], broker)
     rep = run_client(system, queue, conc, a, url, host, port)
-    wall = time.monotonic() - t0
-    m1 = machine_ticks()
-    s1 = proc_cpu_ticks(server_pid) if server_pid else None
-    b1 = proc_cpu_ticks(broker) if broker else None
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-
-    def pct(x0, x1):
-        return None if x0 is None or x1 is None else 100.0 * (x1 - x0) / CLK_TCK / wall
-    rep['server_cpu_pct'] = pct(s0, s1)
-    rep['broker_cpu_pct'] = pct(b0, b1)
-    rep['client_cpu_pct'] = 100.0 * ((ru1.ru_utime + ru1.ru_stime) -
-                                     (ru0.ru_utime + ru0.ru_stime)) / wall
-    busy = m1[0] - m0[0]
-    total = m1[1] - m0[1]
-    rep['machine_busy_pct'] = 100.0 * os.cpu_count() * busy / total if total else None
-    rep['steal_pct'] = 100.0 * (m1[2] - m0[2]) / total if total else None
+    rep.update(window.close())
+    rep['server_cpu_pct'] = rep.pop('procs_cpu_pct')
     rep['server_rss_kib'] = proc_rss_kib(server_pid) if server_pid else None
-    rep['wall_secs'] = wall
     return rep
 
 
 # --- report -------------------------------------------------------------------------------
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def f_int(x):
-    return '–' if x is None else f'{x:,.0f}'
-
-
-def f_pct(x):
-    return '–' if x is None else f'{x:.0f}%'
-
-
-def f_mib(kib):
-    return '–' if kib is None else f'{kib / 1024:.1f} MiB'
-
-
-def f_ratio(x):
-    return '–' if x is None else f'{x:.2f}×'
-
-
-def ratio(a, b):
-    return None if a is None or not b else a / b
-
 
 def verdict(ok):
     return '–' if ok is None else ('**met**' if ok else '**not met**')
@@ -373,14 +204,6 @@ def report(results, concs, systems, a, meta):
 
 
 # --- main ---------------------------------------------------------------------------------
-
-def delete_queues(queues):
-    """Delete the bench's queues (best effort: needs rabbitmqctl on this machine)."""
-    if shutil.which('rabbitmqctl'):
-        for q in queues:
-            subprocess.run(['rabbitmqctl', 'delete_queue', q, '-q'], capture_output=True,
-                           timeout=60)
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],

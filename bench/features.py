@@ -29,11 +29,8 @@ Markdown tables go to stdout, per-run lines to stderr.
     python3 bench/features.py --duration 2s --warmup 1s --runs 1      # a quick check
 """
 import argparse
-import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import time
 import urllib.request
@@ -144,39 +141,16 @@ def client_argv(kind, flags, queue, conc, a):
 
 def measure(argv, url, a, srv, broker):
     """Run one bench process; its JSON report plus CPU of server, broker, client, machine."""
-    server_pid = srv.pid
     e0 = error_replies(srv)
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    s0, b0 = C.proc_cpu_ticks(server_pid), C.proc_cpu_ticks(broker) if broker else None
-    m0 = C.machine_ticks()
-    t0 = time.monotonic()
-    r = subprocess.run(argv, env=dict(os.environ, AMQP_URL=url), cwd=C.ROOT,
-                       capture_output=True, text=True, timeout=a.duration + a.warmup + 120)
-    wall = time.monotonic() - t0
-    m1 = C.machine_ticks()
-    s1, b1 = C.proc_cpu_ticks(server_pid), C.proc_cpu_ticks(broker) if broker else None
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    window = C.CpuWindow([srv.pid], broker)
+    rep = C.run_json(argv, dict(os.environ, AMQP_URL=url), a.duration + a.warmup + 120)
+    rep.update(window.close())
+    rep['server_cpu_pct'] = rep.pop('procs_cpu_pct')
     e1 = error_replies(srv)
-    lines = [l for l in r.stdout.splitlines() if l.strip()]
-    try:
-        rep = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        raise RuntimeError(f'bench failed (exit {r.returncode}): {" ".join(argv)}\n'
-                           f'{r.stdout[-2000:]}\n{r.stderr[-2000:]}')
-
-    def pct(x0, x1):
-        return None if x0 is None or x1 is None else 100.0 * (x1 - x0) / C.CLK_TCK / wall
     if e0 is not None and e1 is not None and e1 > e0:
         # Counted with the warm-up; still, any error reply makes the row suspect.
         rep['errors'] += int(e1 - e0)
         rep.setdefault('error_kinds', {})['error replies (server /metrics)'] = int(e1 - e0)
-    rep['server_cpu_pct'] = pct(s0, s1)
-    rep['broker_cpu_pct'] = pct(b0, b1)
-    rep['client_cpu_pct'] = 100.0 * ((ru1.ru_utime + ru1.ru_stime) -
-                                     (ru0.ru_utime + ru0.ru_stime)) / wall
-    busy, total = m1[0] - m0[0], m1[1] - m0[1]
-    rep['machine_busy_pct'] = 100.0 * os.cpu_count() * busy / total if total else None
-    rep['steal_pct'] = 100.0 * (m1[2] - m0[2]) / total if total else None
     # CPU per call: the CPU share over the whole run (warm-up and connect included) divided by
     # the measured rate, in µs; assumes the warm-up ran at about the measured rate.
     for who in ('server', 'broker', 'client'):

@@ -25,12 +25,9 @@ Builds nothing: run `cargo build --release --bins --examples` first. Python 3 st
 Markdown tables go to stdout, per-run lines to stderr.
 """
 import argparse
-import json
 import math
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import time
 import urllib.request
@@ -89,35 +86,11 @@ def measure(queue, arg, conc, a, group, broker):
             '--concurrency', str(conc), '--duration', C.fmt_dur(a.duration),
             '--warmup', C.fmt_dur(a.warmup), '--json']
     req0 = [d.requests_total() for d in group]
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    d0 = [C.proc_cpu_ticks(d.pid) for d in group]
-    b0 = C.proc_cpu_ticks(broker) if broker else None
-    m0 = C.machine_ticks()
-    t0 = time.monotonic()
-    r = subprocess.run(argv, env=dict(os.environ, AMQP_URL=a.url), cwd=C.ROOT,
-                       capture_output=True, text=True, timeout=a.duration + a.warmup + 120)
-    wall = time.monotonic() - t0
-    m1 = C.machine_ticks()
-    d1 = [C.proc_cpu_ticks(d.pid) for d in group]
-    b1 = C.proc_cpu_ticks(broker) if broker else None
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    window = C.CpuWindow([d.pid for d in group], broker)
+    rep = C.run_json(argv, dict(os.environ, AMQP_URL=a.url), a.duration + a.warmup + 120)
+    rep.update(window.close())
+    rep['daemon_cpu_pct'] = rep.pop('procs_cpu_pct')
     req1 = [d.requests_total() for d in group]
-    lines = [l for l in r.stdout.splitlines() if l.strip()]
-    try:
-        rep = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        raise RuntimeError(f'bench failed (exit {r.returncode}): {" ".join(argv)}\n'
-                           f'{r.stdout[-2000:]}\n{r.stderr[-2000:]}')
-    ticks = [None if x is None or y is None else y - x for x, y in zip(d0, d1)]
-    rep['daemon_cpu_pct'] = (None if None in ticks
-                             else 100.0 * sum(ticks) / C.CLK_TCK / wall)
-    rep['broker_cpu_pct'] = (None if b0 is None or b1 is None
-                             else 100.0 * (b1 - b0) / C.CLK_TCK / wall)
-    rep['client_cpu_pct'] = 100.0 * ((ru1.ru_utime + ru1.ru_stime) -
-                                     (ru0.ru_utime + ru0.ru_stime)) / wall
-    busy, total = m1[0] - m0[0], m1[1] - m0[1]
-    rep['machine_busy_pct'] = 100.0 * os.cpu_count() * busy / total if total else None
-    rep['steal_pct'] = 100.0 * (m1[2] - m0[2]) / total if total else None
     rep['daemon_requests'] = [None if x is None or y is None else y - x
                               for x, y in zip(req0, req1)]
     p = rep['daemon_cpu_pct']
