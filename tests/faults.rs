@@ -227,3 +227,54 @@ async fn idempotent_call_survives_a_cut_and_runs_once() {
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }
+
+/// Without reply confirms, a request is still acked only after its reply was handed to the
+/// broker: on the daemon's connection, no ack may reach the broker before the replies of the
+/// requests it acks. (lapin writes acks ahead of queued publishes, so an ack queued right
+/// behind its reply would overtake it, and a cut between the two would leave the request
+/// acked and its caller without a reply.)
+#[tokio::test]
+async fn without_reply_confirms_no_ack_reaches_the_broker_before_its_reply() {
+    let queue = unique_queue("ackorder");
+    let proxy = Proxy::start(free_addr(), broker_addr(&amqp_url())).await;
+    let mut config = test_config(&queue);
+    config.amqp.url = proxy.url(&amqp_url());
+    config.service.confirm_replies = false;
+    let daemon = TestDaemon::start(config).await;
+    let client = client(&queue, Duration::from_secs(10)).await;
+    let calls = (0..300u64).map(|i| {
+        let client = client.clone();
+        async move { client.call("fib", (i % 90).to_string().as_bytes()).await }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 300);
+    daemon.expect_requests("fib", "ok", 300).await;
+    daemon.stop().await.expect("clean stop");
+
+    let mut replies = 0usize;
+    let mut acked = std::collections::BTreeSet::new();
+    for (class, method, args) in common::proxy::method_frames(&proxy.sent(0)) {
+        match (class, method) {
+            (60, 40) => replies += 1, // basic.publish: only replies on this connection
+            (60, 80) => {
+                // basic.ack: delivery-tag (u64), then the `multiple` bit
+                let tag = u64::from_be_bytes(args[..8].try_into().unwrap());
+                match args[8] & 1 {
+                    1 => acked.extend(1..=tag),
+                    _ => {
+                        acked.insert(tag);
+                    }
+                }
+                assert!(
+                    acked.len() <= replies,
+                    "the ack of tag {tag} reached the broker before its reply: \
+                     {} requests acked, {replies} replies published",
+                    acked.len()
+                );
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((replies, acked.len()), (300, 300));
+    delete_queue(&queue).await;
+}

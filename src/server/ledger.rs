@@ -88,7 +88,7 @@ pub(super) struct Ledger {
     channel: Channel,
     /// Locked while frames are queued, so frames leave in the order they were planned.
     unsettled: Mutex<Unsettled>,
-    /// `amqp_rpc_ack_frames_total`.
+    /// `amqp_rpc_ack_frames_total` (counted when queued).
     frames: IntCounter,
 }
 
@@ -152,8 +152,10 @@ impl Ledger {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Unsettled> {
-        // Never held across an await, and the bookkeeping cannot be left half-done by a
-        // panic in between, so a poisoned lock holds nothing wrong.
+        // Never held across an await. A panic while it is held could at worst leave tags
+        // out of the ledger whose frames were not queued: their later acks then go one by
+        // one, and the broker redelivers them when the connection ends; nothing is acked
+        // twice or early.
         self.unsettled.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -188,7 +190,7 @@ mod tests {
             l.ack(&mut [6, 4, 2, 1]),
             vec![frame(2, true), frame(4, false), frame(6, false)]
         );
-        // Once 3 settles, 5 is the only one left below nothing.
+        // Once 3 settles nothing is left below 5, but it is acked alone.
         assert_eq!(l.ack(&mut [3]), vec![frame(3, false)]);
         assert_eq!(l.ack(&mut [5]), vec![frame(5, false)]);
         assert_eq!(l.len(), 0);

@@ -97,8 +97,9 @@ impl Metrics {
             )?,
             ack_frames: IntCounter::new(
                 "amqp_rpc_ack_frames_total",
-                "basic.ack frames sent; one frame acks every request settled together \
-                 (multiple=true), so under load this grows slower than the requests answered",
+                "basic.ack frames queued for the broker; one frame acks every request settled \
+                 together (multiple=true), so under load this grows slower than the requests \
+                 answered",
             )?,
         };
         let build_info = IntGaugeVec::new(

@@ -1,14 +1,13 @@
-//! The answering side of a delivery: with `confirm_replies`, starting the reply and handing it
-//! to the settler, which acks once the broker confirmed it; without, the reply and the ack
-//! queued in order on the consume channel; wary replies, published and acked here one at a
-//! time; giving work back during a drain; giving up on poison requests.
+//! The answering side of a delivery: starting the reply and handing it to the settler, which
+//! acks once the broker confirmed it (with `confirm_replies`) or lapin wrote it (without);
+//! wary replies, published and acked here one at a time; giving work back during a drain;
+//! giving up on poison requests.
 //!
 //! The order is the contract's at-least-once rule: a request is acked only after its reply was
 //! handed to the broker; when that fails the request stays unacked and is redelivered.
 
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
 use lapin::types::AMQPValue;
@@ -54,46 +53,25 @@ pub(super) async fn answer(
     let answered = ctx.metrics.request(label, outcome);
     if !wary(ctx, meta, delivery) {
         let (body, props) = reply_parts(meta, result, remaining);
-        let options = BasicPublishOptions::default();
-        let published = if ctx.confirm_replies {
-            // Start the reply on the confirm-mode reply channel; the settler acks once the
-            // broker has confirmed it.
-            Publish::start(
-                &ctx.reply_channel,
-                reply_to.into(),
-                options,
-                body.to_vec(),
-                props,
-            )
-            .map(|reply| {
-                ctx.settler.hand_over(Settling {
-                    reply,
-                    delivery_tag: delivery.delivery_tag,
-                    answered,
-                })
+        // Started, not awaited, and handed to the settler, which acks once the broker has
+        // confirmed the reply (with `confirm_replies`) or once lapin has written it (without:
+        // the reply channel is then the consume channel itself, so the broker sees the reply
+        // before the ack). The ack must not be queued right behind the publish: lapin writes
+        // queued acks ahead of queued publishes, so it would overtake its reply.
+        let published = Publish::start(
+            &ctx.reply_channel,
+            reply_to.into(),
+            BasicPublishOptions::default(),
+            body.to_vec(),
+            props,
+        )
+        .map(|reply| {
+            ctx.settler.hand_over(Settling {
+                reply,
+                delivery_tag: delivery.delivery_tag,
+                answered,
             })
-        } else {
-            // The reply goes out on the consume channel itself with the ack queued right
-            // behind it, neither awaited (both are queued on the first poll). The broker
-            // handles a channel's methods in order, so it acts on the ack only after routing
-            // the reply, and a connection cut between the two leaves the request unacked.
-            // What this gives up against confirms is the reply's fate after routing: a reply
-            // on its way to a caller on another node is lost with that node while its request
-            // is already acked (the quorum-leader kill test loses a few this way; with
-            // confirms none), and a nack from a full or failed callback queue goes unseen.
-            let queued = ctx
-                .consume_channel
-                .basic_publish("".into(), reply_to.into(), options, body, props)
-                .now_or_never();
-            match queued {
-                Some(Err(e)) => Err(e),
-                _ => {
-                    answered.inc();
-                    ack(ctx, delivery);
-                    Ok(())
-                }
-            }
-        };
+        });
         if let Err(e) = published {
             lost(ctx, &e);
         }

@@ -75,8 +75,8 @@ pub(super) async fn serve(
         consume
             .basic_qos(service.prefetch, BasicQosOptions::default())
             .await?;
-        // Without confirms, replies share the consume channel, so that each ack follows its
-        // reply in one ordered stream (see `reply::answer`).
+        // Without confirms, replies share the consume channel, so that each ack, sent once
+        // its reply is written, reaches the broker behind it (see `reply::answer`).
         let reply = if service.confirm_replies {
             let reply = conn.create_channel().await?;
             reply

@@ -1,7 +1,9 @@
-//! The settler: acks each request once its reply is confirmed, off the latency path.
+//! The settler: acks each request once its reply is confirmed (or, without `confirm_replies`,
+//! written), off the latency path.
 //!
 //! The contract acks a request only after its reply was handed to the broker (confirmed, with
-//! `confirm_replies`). Awaiting that in the request's own task costs two wake-ups of the
+//! `confirm_replies`; written to the connection without, the reply then going out on the
+//! consume channel itself, ahead of the ack). Awaiting that in the request's own task costs two wake-ups of the
 //! daemon's thread per request (the reply written, then confirmed), and they come right when
 //! the broker is routing the reply and the caller is sending its next request: on a 2-core
 //! machine, that is CPU taken from the next call. So a request task only starts its reply (see
@@ -172,7 +174,8 @@ fn settle(
         }
         Err(e) => {
             // The reply channel is gone: ending the session closes the connection, so the
-            // broker redelivers this request and every other one left without a reply.
+            // broker redelivers this request and every other one left without a reply, and
+            // also those of this look not acked yet (the reply cache answers them again).
             metrics.reply_publish_failures.inc();
             tracing::warn!(error = %e, "could not publish a reply; reconnecting");
             session_lost.cancel();

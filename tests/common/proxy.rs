@@ -1,20 +1,26 @@
 //! A small TCP proxy between a process under test and the broker, to inject network faults:
 //! refuse (not listening yet), cut every connection, or blackhole (keep sockets open, forward
-//! nothing, so only heartbeats can notice).
+//! nothing, so only heartbeats can notice). It also keeps what each connection sent to the
+//! broker, for tests of frame order.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+
+/// The bytes one connection sent towards the broker.
+type Tap = Arc<Mutex<Vec<u8>>>;
 
 /// A running proxy; dropped, it stops accepting (existing links end at the next cut).
 pub struct Proxy {
     pub addr: SocketAddr,
     blackhole: Arc<AtomicBool>,
     cut: Arc<Notify>,
+    /// The bytes each accepted connection sent towards the broker, in accept order.
+    sent: Arc<Mutex<Vec<Tap>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -25,8 +31,9 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let blackhole = Arc::new(AtomicBool::new(false));
         let cut = Arc::new(Notify::new());
+        let sent: Arc<Mutex<Vec<Tap>>> = Arc::default();
         let task = tokio::spawn({
-            let (blackhole, cut) = (blackhole.clone(), cut.clone());
+            let (blackhole, cut, sent) = (blackhole.clone(), cut.clone(), sent.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let Ok(server) = TcpStream::connect(upstream).await else {
@@ -34,7 +41,9 @@ impl Proxy {
                     };
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
-                    tokio::spawn(link(client, server, blackhole.clone(), cut.clone()));
+                    let tap: Tap = Arc::default();
+                    sent.lock().unwrap().push(tap.clone());
+                    tokio::spawn(link(client, server, blackhole.clone(), cut.clone(), tap));
                 }
             }
         });
@@ -42,8 +51,14 @@ impl Proxy {
             addr,
             blackhole,
             cut,
+            sent,
             task,
         }
+    }
+
+    /// What the `n`-th accepted connection has sent towards the broker so far.
+    pub fn sent(&self, n: usize) -> Vec<u8> {
+        self.sent.lock().unwrap()[n].lock().unwrap().clone()
     }
 
     /// Close every open link at once (like a network cut that resets connections).
@@ -76,12 +91,18 @@ impl Drop for Proxy {
     }
 }
 
-async fn link(client: TcpStream, server: TcpStream, blackhole: Arc<AtomicBool>, cut: Arc<Notify>) {
+async fn link(
+    client: TcpStream,
+    server: TcpStream,
+    blackhole: Arc<AtomicBool>,
+    cut: Arc<Notify>,
+    tap: Tap,
+) {
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
     tokio::select! {
-        _ = pump(cr, sw, blackhole.clone()) => {}
-        _ = pump(sr, cw, blackhole) => {}
+        _ = pump(cr, sw, blackhole.clone(), Some(tap)) => {}
+        _ = pump(sr, cw, blackhole, None) => {}
         _ = cut.notified() => {}
     }
 }
@@ -90,6 +111,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     blackhole: Arc<AtomicBool>,
+    tap: Option<Tap>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -99,6 +121,9 @@ async fn pump(
         };
         if blackhole.load(Ordering::SeqCst) {
             continue; // swallowed: the peer sees silence, not a close
+        }
+        if let Some(tap) = &tap {
+            tap.lock().unwrap().extend_from_slice(&buf[..n]);
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
@@ -117,4 +142,28 @@ pub fn broker_addr(url: &str) -> SocketAddr {
     format!("{host}:{}", uri.authority.port)
         .parse()
         .expect("broker host is an IP or localhost")
+}
+
+/// AMQP 0-9-1 method frames in a byte stream a client sent (after the protocol header): each
+/// `(class_id, method_id, arguments)`, in order. Content header and body frames are skipped.
+pub fn method_frames(stream: &[u8]) -> Vec<(u16, u16, Vec<u8>)> {
+    let mut rest = stream
+        .strip_prefix(b"AMQP\x00\x00\x09\x01")
+        .unwrap_or(stream);
+    let mut methods = Vec::new();
+    while rest.len() >= 7 {
+        let kind = rest[0];
+        let size = u32::from_be_bytes(rest[3..7].try_into().unwrap()) as usize;
+        if rest.len() < 7 + size + 1 {
+            break; // a frame still on its way
+        }
+        let payload = &rest[7..7 + size];
+        if kind == 1 && size >= 4 {
+            let class = u16::from_be_bytes([payload[0], payload[1]]);
+            let method = u16::from_be_bytes([payload[2], payload[3]]);
+            methods.push((class, method, payload[4..].to_vec()));
+        }
+        rest = &rest[7 + size + 1..];
+    }
+    methods
 }
