@@ -130,8 +130,9 @@ section!(
         /// Reply cache entry lifetime.
         reply_cache_ttl_secs: u64 = 300,
         /// Ack a request only once the broker confirmed its reply (publisher confirms). When
-        /// false, the reply and the ack share the consume channel: the broker acts on the ack
-        /// only after routing the reply, but a node failure can lose a routed reply.
+        /// false, the reply goes out on the consume channel and its ack once it is written:
+        /// the broker acts on the ack only after routing the reply, but a node failure can
+        /// lose a routed reply.
         confirm_replies: bool = true,
         /// Queue that receives copies of poison requests; empty = none.
         dead_letter_queue: String = String::new(),

@@ -276,12 +276,7 @@ async fn burst_then_stop(confirm_replies: bool) {
     config.service.confirm_replies = confirm_replies;
     let daemon = TestDaemon::start(config).await;
     let client = client(&queue, Duration::from_secs(10)).await;
-    let calls = (0..200u64).map(|i| {
-        let client = client.clone();
-        async move { client.call("fib", (i % 90).to_string().as_bytes()).await }
-    });
-    let results = futures_util::future::join_all(calls).await;
-    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 200);
+    assert_eq!(fib_burst(&client, 200).await, 200);
     daemon.expect_requests("fib", "ok", 200).await;
     let ack_frames = daemon.metrics.ack_frames.clone();
     daemon.stop().await.expect("clean stop");

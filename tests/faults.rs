@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use amqp_rpc::service::Methods;
 use amqp_rpc::CallError;
-use common::proxy::{broker_addr, Proxy};
+use common::proxy::{broker_addr, method_frames, Proxy};
 use common::*;
 
 fn free_addr() -> std::net::SocketAddr {
@@ -229,10 +229,10 @@ async fn idempotent_call_survives_a_cut_and_runs_once() {
 }
 
 /// Without reply confirms, a request is still acked only after its reply was handed to the
-/// broker: on the daemon's connection, no ack may reach the broker before the replies of the
-/// requests it acks. (lapin writes acks ahead of queued publishes, so an ack queued right
-/// behind its reply would overtake it, and a cut between the two would leave the request
-/// acked and its caller without a reply.)
+/// broker: on the daemon's connection, each request's ack (alone or `multiple`) comes after
+/// the reply carrying its correlation id. (lapin writes acks ahead of queued publishes, so an
+/// ack queued right behind its reply would overtake it, and a cut between the two would leave
+/// the request acked and its caller without a reply.)
 #[tokio::test]
 async fn without_reply_confirms_no_ack_reaches_the_broker_before_its_reply() {
     let queue = unique_queue("ackorder");
@@ -242,39 +242,49 @@ async fn without_reply_confirms_no_ack_reaches_the_broker_before_its_reply() {
     config.service.confirm_replies = false;
     let daemon = TestDaemon::start(config).await;
     let client = client(&queue, Duration::from_secs(10)).await;
-    let calls = (0..300u64).map(|i| {
-        let client = client.clone();
-        async move { client.call("fib", (i % 90).to_string().as_bytes()).await }
-    });
-    let results = futures_util::future::join_all(calls).await;
-    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 300);
+    assert_eq!(fib_burst(&client, 300).await, 300);
     daemon.expect_requests("fib", "ok", 300).await;
     daemon.stop().await.expect("clean stop");
 
-    let mut replies = 0usize;
+    // Which request each delivery tag is (basic.deliver: consumer tag, then delivery tag).
+    let mut request_of = std::collections::BTreeMap::new();
+    for m in method_frames(&proxy.received(0)) {
+        if (m.class, m.method) == (60, 60) {
+            let at = 1 + m.args[0] as usize;
+            let tag = u64::from_be_bytes(m.args[at..at + 8].try_into().unwrap());
+            request_of.insert(
+                tag,
+                m.correlation_id.expect("requests carry a correlation id"),
+            );
+        }
+    }
+    assert_eq!(request_of.len(), 300);
+    let mut replied = std::collections::HashSet::new();
     let mut acked = std::collections::BTreeSet::new();
-    for (class, method, args) in common::proxy::method_frames(&proxy.sent(0)) {
-        match (class, method) {
-            (60, 40) => replies += 1, // basic.publish: only replies on this connection
+    for m in method_frames(&proxy.sent(0)) {
+        match (m.class, m.method) {
+            // basic.publish: only replies on this connection
+            (60, 40) => {
+                replied.insert(m.correlation_id.expect("replies carry a correlation id"));
+            }
+            // basic.ack: delivery tag, then the `multiple` bit
             (60, 80) => {
-                // basic.ack: delivery-tag (u64), then the `multiple` bit
-                let tag = u64::from_be_bytes(args[..8].try_into().unwrap());
-                match args[8] & 1 {
-                    1 => acked.extend(1..=tag),
-                    _ => {
-                        acked.insert(tag);
-                    }
+                let tag = u64::from_be_bytes(m.args[..8].try_into().unwrap());
+                let newly: Vec<u64> = match m.args[8] & 1 {
+                    1 => (1..=tag).filter(|t| !acked.contains(t)).collect(),
+                    _ => vec![tag],
+                };
+                for t in newly {
+                    assert!(
+                        replied.contains(&request_of[&t]),
+                        "the ack of tag {t} reached the broker before its reply"
+                    );
+                    assert!(acked.insert(t), "tag {t} acked twice");
                 }
-                assert!(
-                    acked.len() <= replies,
-                    "the ack of tag {tag} reached the broker before its reply: \
-                     {} requests acked, {replies} replies published",
-                    acked.len()
-                );
             }
             _ => {}
         }
     }
-    assert_eq!((replies, acked.len()), (300, 300));
+    assert_eq!((replied.len(), acked.len()), (300, 300));
     delete_queue(&queue).await;
 }

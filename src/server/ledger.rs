@@ -56,19 +56,18 @@ impl Unsettled {
         let floor = self.tags.first().copied().unwrap_or(u64::MAX);
         let below = batch.partition_point(|&tag| tag < floor);
         let mut frames = Vec::with_capacity(1 + batch.len() - below);
-        if below > 0 && known == batch.len() {
-            frames.push(AckFrame {
-                delivery_tag: batch[below - 1],
-                multiple: below > 1,
-            });
-        } else {
-            // A tag the ledger never saw: nothing is known below it, so no `multiple`.
-            frames.extend(batch[..below].iter().map(|&tag| AckFrame {
-                delivery_tag: tag,
-                multiple: false,
-            }));
-        }
-        frames.extend(batch[below..].iter().map(|&tag| AckFrame {
+        // With a tag the ledger never saw, nothing is known below it: every tag goes alone.
+        let alone = match below > 0 && known == batch.len() {
+            true => {
+                frames.push(AckFrame {
+                    delivery_tag: batch[below - 1],
+                    multiple: below > 1,
+                });
+                &batch[below..]
+            }
+            false => &batch[..],
+        };
+        frames.extend(alone.iter().map(|&tag| AckFrame {
             delivery_tag: tag,
             multiple: false,
         }));

@@ -43,15 +43,14 @@ pub struct RequestCtx {
     /// Bounds CPU-heavy work to `service.concurrency`; shared across reconnects.
     pub cpu: Arc<Semaphore>,
     /// Channel replies are published on: a confirm-mode channel of its own with
-    /// `confirm_replies`, else the consume channel (acks then follow their replies in order).
+    /// `confirm_replies`, else the consume channel (each ack, sent once its reply is written,
+    /// then reaches the broker behind it).
     pub reply_channel: Channel,
     /// Where replies that may crash a connection go instead (see [`ReplyLink`]).
     pub wary_replies: ReplyLink,
     /// Until when every reply counts as wary: set for a while after a lost connection, when
     /// the queue may still hold requests from clients of a failed broker node.
     pub wary_until: Option<tokio::time::Instant>,
-    /// The channel deliveries come from, on which they are acked.
-    pub consume_channel: Channel,
     /// Whether `reply_channel` is in confirm mode and confirms are awaited before the ack.
     pub confirm_replies: bool,
     /// Metric handles.

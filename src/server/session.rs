@@ -135,7 +135,6 @@ pub(super) async fn serve(
         wary_until: parts
             .after_loss
             .then(|| tokio::time::Instant::now() + WARY_AFTER_LOSS),
-        consume_channel: consume.clone(),
         confirm_replies: service.confirm_replies,
         metrics: parts.metrics.clone(),
         draining: shutdown.clone(),

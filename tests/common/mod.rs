@@ -177,6 +177,17 @@ impl TestDaemon {
 }
 
 /// A client of `queue` on the test broker.
+/// `n` calls of `fib` in flight at once on `client` (arguments cycling below 90, so all are
+/// answered inline); how many succeeded.
+pub async fn fib_burst(client: &Client, n: u64) -> usize {
+    let calls = (0..n).map(|i| {
+        let client = client.clone();
+        async move { client.call("fib", (i % 90).to_string().as_bytes()).await }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    results.iter().filter(|r| r.is_ok()).count()
+}
+
 pub async fn client(queue: &str, timeout: Duration) -> Client {
     Client::builder(amqp_url())
         .queue(queue)

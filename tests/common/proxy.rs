@@ -20,7 +20,7 @@ pub struct Proxy {
     blackhole: Arc<AtomicBool>,
     cut: Arc<Notify>,
     /// The bytes each accepted connection sent towards the broker, in accept order.
-    sent: Arc<Mutex<Vec<Tap>>>,
+    taps: Arc<Mutex<Vec<(Tap, Tap)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -31,9 +31,9 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let blackhole = Arc::new(AtomicBool::new(false));
         let cut = Arc::new(Notify::new());
-        let sent: Arc<Mutex<Vec<Tap>>> = Arc::default();
+        let taps: Arc<Mutex<Vec<(Tap, Tap)>>> = Arc::default();
         let task = tokio::spawn({
-            let (blackhole, cut, sent) = (blackhole.clone(), cut.clone(), sent.clone());
+            let (blackhole, cut, taps) = (blackhole.clone(), cut.clone(), taps.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let Ok(server) = TcpStream::connect(upstream).await else {
@@ -41,8 +41,8 @@ impl Proxy {
                     };
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
-                    let tap: Tap = Arc::default();
-                    sent.lock().unwrap().push(tap.clone());
+                    let tap: (Tap, Tap) = Default::default();
+                    taps.lock().unwrap().push(tap.clone());
                     tokio::spawn(link(client, server, blackhole.clone(), cut.clone(), tap));
                 }
             }
@@ -51,14 +51,19 @@ impl Proxy {
             addr,
             blackhole,
             cut,
-            sent,
+            taps,
             task,
         }
     }
 
     /// What the `n`-th accepted connection has sent towards the broker so far.
     pub fn sent(&self, n: usize) -> Vec<u8> {
-        self.sent.lock().unwrap()[n].lock().unwrap().clone()
+        self.taps.lock().unwrap()[n].0.lock().unwrap().clone()
+    }
+
+    /// What the `n`-th accepted connection has received from the broker so far.
+    pub fn received(&self, n: usize) -> Vec<u8> {
+        self.taps.lock().unwrap()[n].1.lock().unwrap().clone()
     }
 
     /// Close every open link at once (like a network cut that resets connections).
@@ -96,13 +101,13 @@ async fn link(
     server: TcpStream,
     blackhole: Arc<AtomicBool>,
     cut: Arc<Notify>,
-    tap: Tap,
+    (sent, received): (Tap, Tap),
 ) {
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
     tokio::select! {
-        _ = pump(cr, sw, blackhole.clone(), Some(tap)) => {}
-        _ = pump(sr, cw, blackhole, None) => {}
+        _ = pump(cr, sw, blackhole.clone(), sent) => {}
+        _ = pump(sr, cw, blackhole, received) => {}
         _ = cut.notified() => {}
     }
 }
@@ -111,7 +116,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     blackhole: Arc<AtomicBool>,
-    tap: Option<Tap>,
+    tap: Tap,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -122,9 +127,7 @@ async fn pump(
         if blackhole.load(Ordering::SeqCst) {
             continue; // swallowed: the peer sees silence, not a close
         }
-        if let Some(tap) = &tap {
-            tap.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
+        tap.lock().unwrap().extend_from_slice(&buf[..n]);
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
@@ -144,26 +147,70 @@ pub fn broker_addr(url: &str) -> SocketAddr {
         .expect("broker host is an IP or localhost")
 }
 
-/// AMQP 0-9-1 method frames in a byte stream a client sent (after the protocol header): each
-/// `(class_id, method_id, arguments)`, in order. Content header and body frames are skipped.
-pub fn method_frames(stream: &[u8]) -> Vec<(u16, u16, Vec<u8>)> {
+/// One AMQP 0-9-1 method frame of a recorded stream.
+pub struct Method {
+    pub class: u16,
+    pub method: u16,
+    pub args: Vec<u8>,
+    /// For a method with content (publish, deliver): the `correlation_id` of its content
+    /// header, when it has one.
+    pub correlation_id: Option<String>,
+}
+
+/// The method frames of a recorded stream (either direction), in order; the protocol header
+/// and a frame still on its way at the end are skipped.
+pub fn method_frames(stream: &[u8]) -> Vec<Method> {
     let mut rest = stream
         .strip_prefix(b"AMQP\x00\x00\x09\x01")
         .unwrap_or(stream);
-    let mut methods = Vec::new();
+    let mut methods: Vec<Method> = Vec::new();
     while rest.len() >= 7 {
         let kind = rest[0];
         let size = u32::from_be_bytes(rest[3..7].try_into().unwrap()) as usize;
         if rest.len() < 7 + size + 1 {
-            break; // a frame still on its way
+            break;
         }
         let payload = &rest[7..7 + size];
-        if kind == 1 && size >= 4 {
-            let class = u16::from_be_bytes([payload[0], payload[1]]);
-            let method = u16::from_be_bytes([payload[2], payload[3]]);
-            methods.push((class, method, payload[4..].to_vec()));
+        match kind {
+            1 => methods.push(Method {
+                class: u16::from_be_bytes([payload[0], payload[1]]),
+                method: u16::from_be_bytes([payload[2], payload[3]]),
+                args: payload[4..].to_vec(),
+                correlation_id: None,
+            }),
+            2 => {
+                if let Some(last) = methods.last_mut() {
+                    last.correlation_id = correlation_id(payload);
+                }
+            }
+            _ => {}
         }
         rest = &rest[7 + size + 1..];
     }
     methods
+}
+
+/// The `correlation_id` of a content header frame's payload: class, weight, body size, then
+/// the property flags and the properties in their fixed order (content-type, content-encoding,
+/// headers, delivery-mode, priority, correlation-id).
+fn correlation_id(header: &[u8]) -> Option<String> {
+    let flags = u16::from_be_bytes([header[12], header[13]]);
+    let mut at = 14;
+    let short_str = |at: &mut usize| {
+        let len = header[*at] as usize;
+        let s = String::from_utf8_lossy(&header[*at + 1..*at + 1 + len]).into_owned();
+        *at += 1 + len;
+        s
+    };
+    if flags & (1 << 15) != 0 {
+        short_str(&mut at);
+    }
+    if flags & (1 << 14) != 0 {
+        short_str(&mut at);
+    }
+    if flags & (1 << 13) != 0 {
+        at += 4 + u32::from_be_bytes(header[at..at + 4].try_into().unwrap()) as usize;
+    }
+    at += usize::from(flags & (1 << 12) != 0) + usize::from(flags & (1 << 11) != 0);
+    (flags & (1 << 10) != 0).then(|| short_str(&mut at))
 }
