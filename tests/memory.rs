@@ -65,7 +65,7 @@ async fn timed_out_calls_leave_memory_flat() {
     }
     let warm = rss_kib();
     let mut rounds = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         timed_out_calls(&client, 100_000, 250, timeout).await;
         rounds.push(rss_kib());
     }
@@ -73,11 +73,20 @@ async fn timed_out_calls_leave_memory_flat() {
         "client RSS (KiB): {warm} after warm-up, then {rounds:?} after each 100k timed-out calls"
     );
     assert_eq!(client.pending_calls(), 0);
-    // A leak of 10 bytes a call would show as 2 MB over these 200k calls.
-    let last = *rounds.last().unwrap();
+    // A leak of 10 bytes a call would add 1 MB to every round of 100k calls. The allocator
+    // can still take one step of a few MB after the warm-up (seen once in CI: +4.9 MB in one
+    // round, then +4 KiB), so the check is on the smallest round's growth: a leak shows in
+    // all of them, a one-off step in one.
+    let growth: Vec<i64> = std::iter::once(warm)
+        .chain(rounds.iter().copied())
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1] as i64 - w[0] as i64)
+        .collect();
+    let least = *growth.iter().min().unwrap();
     assert!(
-        last <= warm + 2 * 1024,
-        "RSS grew from {warm} KiB to {last} KiB over 200k calls"
+        least <= 1024,
+        "RSS grew by at least {least} KiB in every round of 100k calls: {growth:?}"
     );
     delete_queue(&queue).await;
 }
