@@ -4,6 +4,15 @@
 //! TCP_NODELAY is set by lapin's tokio reactor on every socket (async-rs `set_nodelay(true)`),
 //! heartbeats are requested through the URI so a dead peer is noticed, and every attempt is
 //! bounded by the connect timeout so a blackholed address cannot stall the rotation.
+//!
+//! lapin's socket loop runs as a task of the caller's tokio runtime, not on the thread lapin
+//! gives it by default (`amqp.io_thread = false`; `vendor/lapin` carries that option). On its
+//! own thread every incoming frame crosses threads twice (the runtime's reactor wakes the I/O
+//! thread, which wakes the task the frame is for) and every publish wakes the I/O thread once
+//! more. Those wake-ups were most of a call's cost at one call in flight (BENCHMARKS.md). As a
+//! task, a frame is read, parsed and handed over on the thread that then runs its consumer.
+//! It asks one thing of the application: not to block the runtime's threads, which this crate
+//! never does (heavy work runs on the blocking pool).
 
 use std::time::Duration;
 
@@ -56,6 +65,7 @@ pub struct Connector {
     name: String,
     next: usize,
     tls: OwnedTLSConfig,
+    io_thread: bool,
 }
 
 impl Connector {
@@ -95,6 +105,7 @@ impl Connector {
             max_backoff: Duration::from_secs(amqp.reconnect_max_backoff_secs),
             name: name.to_owned(),
             next: 0,
+            io_thread: amqp.io_thread,
             tls: crate::tls::load(amqp).map_err(|reason| SetupError::BadUrl {
                 url: redact_url(&amqp.url),
                 reason,
@@ -111,7 +122,9 @@ impl Connector {
     pub async fn connect_once(&mut self) -> Result<Connection, String> {
         let (uri, shown) = self.uris[self.next].clone();
         self.next = (self.next + 1) % self.uris.len();
-        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let props = ConnectionProperties::default()
+            .with_connection_name(self.name.clone().into())
+            .with_io_loop_on_runtime(!self.io_thread);
         let tls = self.tls.clone();
         let connect = async move {
             let runtime = lapin::runtime::default_runtime()?;

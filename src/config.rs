@@ -98,6 +98,9 @@ section!(
         connect_timeout_secs: u64 = 5,
         /// Cap of the exponential reconnect backoff.
         reconnect_max_backoff_secs: u64 = 30,
+        /// Run lapin's socket loop on a thread of its own (lapin's default) rather than as a
+        /// task of the tokio runtime (see `crate::amqp`).
+        io_thread: bool = false,
         /// PEM file of the CA(s) that signed the broker's certificate (`amqps://`); unset =
         /// the system's trust store.
         tls_ca_file: Option<PathBuf> = None,
@@ -352,6 +355,7 @@ impl fmt::Debug for AmqpConfig {
                 "reconnect_max_backoff_secs",
                 &self.reconnect_max_backoff_secs,
             )
+            .field("io_thread", &self.io_thread)
             .finish()
     }
 }

@@ -137,7 +137,15 @@ async fn run(
                 open = false;
             }
             next = more => match next {
-                Some(settling) => waiting.push_back(settling),
+                Some(settling) => {
+                    waiting.push_back(settling);
+                    // Take every hand-over already queued before the next look, so that replies
+                    // which went out together are acked together rather than one look (and one
+                    // ack frame) each.
+                    while let Ok(settling) = rx.try_recv() {
+                        waiting.push_back(settling);
+                    }
+                }
                 None => open = false,
             },
             verdict = oldest => {
