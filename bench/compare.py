@@ -4,6 +4,8 @@
 Systems (each on its own, uniquely named queue of the broker at AMQP_URL):
   rpc   target/release/amqp-rpcd --config config.toml, driven by `amqp-rpc bench` (fib, --arg)
   bare  target/release/examples/bare_echo server, driven by `bare_echo bench` (echoes the body)
+  rpc_thread  rpc with lapin's socket loop on its own thread on both sides (amqp.io_thread)
+  bare_task   bare with the socket loop as a task on both sides (--io-task); not the reference
   pika  tests/interop/tutorial_server.py (prefetch 1, recursive fib), driven by
         bench/pika_bench.py (N tutorial clients, one process each)
 
@@ -37,16 +39,19 @@ from harness import (  # noqa: E402  (features.py and scaling.py reach these as 
 
 TUTORIAL_SERVER = os.path.join(ROOT, 'tests/interop/tutorial_server.py')
 PIKA_BENCH = os.path.join(ROOT, 'bench/pika_bench.py')
-NAMES = {'rpc': 'amqp-rpc', 'bare': 'bare echo', 'pika': 'pika tutorial'}
+NAMES = {'rpc': 'amqp-rpc', 'bare': 'bare echo', 'pika': 'pika tutorial',
+         'rpc_thread': 'amqp-rpc, io thread', 'bare_task': 'bare, io task'}
 
 
 # --- servers ------------------------------------------------------------------------------
 
-def start_rpcd(queue, queue_type, url):
+def start_rpcd(queue, queue_type, url, io_thread=False):
     port = free_port()
     env = dict(os.environ, AMQP_RPC__AMQP__URL=url, AMQP_RPC__SERVICE__QUEUE=queue,
                AMQP_RPC__SERVICE__QUEUE_TYPE=queue_type,
                AMQP_RPC__HTTP__LISTEN=f'127.0.0.1:{port}')
+    if io_thread:
+        env['AMQP_RPC__AMQP__IO_THREAD'] = 'true'
 
     def ready(_):
         try:
@@ -57,9 +62,10 @@ def start_rpcd(queue, queue_type, url):
     return Server('amqp-rpcd', [RPCD, '--config', CONFIG], env, ready)
 
 
-def start_bare(queue, url):
+def start_bare(queue, url, io_task=False):
     env = dict(os.environ, AMQP_URL=url)
-    return Server('bare_echo', [BARE, 'server', '--queue', queue], env,
+    flags = ['--io-task'] if io_task else []
+    return Server('bare_echo', [BARE, 'server', '--queue', queue] + flags, env,
                   lambda s: 'bare echo serving' in s.log())
 
 
@@ -93,10 +99,12 @@ def run_client(system, queue, conc, a, url, host, port):
     common = ['--concurrency', str(conc), '--duration', fmt_dur(a.duration),
               '--warmup', fmt_dur(a.warmup), '--json']
     env = dict(os.environ, AMQP_URL=url)
-    if system == 'rpc':
+    if system in ('rpc', 'rpc_thread'):
         argv = [RPC, 'bench', '--queue', queue, '--arg', a.arg] + common
-    elif system == 'bare':
+        argv += ['--io-thread'] if system == 'rpc_thread' else []
+    elif system in ('bare', 'bare_task'):
         argv = [BARE, 'bench', '--queue', queue, '--arg', a.arg] + common
+        argv += ['--io-task'] if system == 'bare_task' else []
     else:
         argv = [sys.executable, PIKA_BENCH, '--queue', queue, '--arg', a.arg] + common
         env.update(AMQP_HOST=host, AMQP_PORT=str(port))
@@ -162,7 +170,9 @@ def report(results, concs, systems, a, meta):
               f"{f_mib(m['rss'])} |")
     p('')
 
-    for other, title in (('bare', 'bare echo'), ('pika', 'pika tutorial')):
+    for other, title in (('bare', 'bare echo'), ('pika', 'pika tutorial'),
+                         ('rpc_thread', 'amqp-rpc with lapin\'s I/O thread'),
+                         ('bare_task', 'bare echo with the socket loop as a task')):
         if other not in systems:
             continue
         p(f'## amqp-rpc ÷ {title} (medians)')
@@ -215,7 +225,8 @@ def main():
     ap.add_argument('--pika-concurrency', type=int, nargs='*', default=[1, 8],
                     help='concurrencies at which the pika system runs, as that many client '
                          'processes (default: 1 8; empty list: never)')
-    ap.add_argument('--systems', nargs='+', choices=['rpc', 'bare', 'pika'],
+    ap.add_argument('--systems', nargs='+', choices=['rpc', 'bare', 'pika', 'rpc_thread',
+                                                     'bare_task'],
                     default=['rpc', 'bare', 'pika'])
     ap.add_argument('--runs', type=int, default=3, help='runs per system and concurrency')
     ap.add_argument('--duration', type=parse_duration, default=5.0, help='measured, e.g. 5s')
@@ -242,10 +253,10 @@ def main():
         return 2
     systems = list(a.systems)
     if a.queue_type == 'quorum':
-        dropped = [s for s in systems if s != 'rpc']
+        dropped = [s for s in systems if s not in ('rpc', 'rpc_thread')]
         if dropped:
             log(f'quorum: measuring amqp-rpc only (skipping {", ".join(dropped)})')
-        systems = ['rpc']
+        systems = [s for s in systems if s in ('rpc', 'rpc_thread')] or ['rpc']
     if 'pika' in systems:
         try:
             subprocess.run([sys.executable, '-c', 'import pika'], check=True,
@@ -270,10 +281,10 @@ def main():
     t_begin = time.monotonic()
     try:
         for s in systems:
-            if s == 'rpc':
-                servers[s] = start_rpcd(queues[s], a.queue_type, a.url)
-            elif s == 'bare':
-                servers[s] = start_bare(queues[s], a.url)
+            if s in ('rpc', 'rpc_thread'):
+                servers[s] = start_rpcd(queues[s], a.queue_type, a.url, s == 'rpc_thread')
+            elif s in ('bare', 'bare_task'):
+                servers[s] = start_bare(queues[s], a.url, s == 'bare_task')
             else:
                 servers[s] = start_pika_server(queues[s], host, port)
             log(f'{NAMES[s]} serving on {queues[s]} (pid {servers[s].pid})')
@@ -288,7 +299,7 @@ def main():
                         rep = measure(s, queues[s], c, a, a.url, host, port,
                                       srv.pid, broker)
                         round_[s] = rep
-                        log(f'c={c:<4} run {i + 1}/{a.runs} {NAMES[s]:<13} '
+                        log(f'c={c:<4} run {i + 1}/{a.runs} {NAMES[s]:<18} '
                             f"{rep['calls_per_sec']:>9.0f} calls/s  p50 {rep['p50_us']:>6}us  "
                             f"p99 {rep['p99_us']:>6}us  err {rep['errors']}  "
                             f"srv {f_pct(rep['server_cpu_pct'])} "

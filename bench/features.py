@@ -7,6 +7,8 @@ Client ladder (every row against the plain bare echo server, one queue):
   + mandatory            bare_echo bench --confirms --mandatory
   + deadline metadata    bare_echo bench --confirms --mandatory --deadline
   amqp-rpc client        amqp-rpc bench --no-retry --arg ARG     (the bare server echoes ARG)
+  amqp-rpc, io thread    amqp-rpc bench --no-retry --io-thread   (lapin's own I/O thread)
+  bare client, io task   bare_echo bench --io-task               (socket loop as a task)
 
 Server ladder (every row driven by the plain bare client, `bare_echo bench`):
   bare server            bare_echo server                        (same run as "bare client")
@@ -15,6 +17,8 @@ Server ladder (every row driven by the plain bare client, `bare_echo bench`):
   amqp-rpcd, no confirms amqp-rpcd, AMQP_RPC__SERVICE__CONFIRM_REPLIES=false
   amqp-rpcd, log warn    amqp-rpcd, AMQP_RPC__LOG__LEVEL=warn    (no per-request span)
   amqp-rpcd as shipped   amqp-rpcd --config config.toml
+  amqp-rpcd, io thread   amqp-rpcd, AMQP_RPC__AMQP__IO_THREAD=true
+  bare server, io task   bare_echo server --io-task
 
 The bare client sends no `type`, so amqp-rpcd runs its default method, fib, on the body: the
 bare client accepts any reply. Each server has its own queue; all run for the whole script.
@@ -45,23 +49,32 @@ CONFIGS = [
     ('c_mand', '+ mandatory', 'bare', 'bare', ['--confirms', '--mandatory']),
     ('c_dead', '+ deadline metadata', 'bare', 'bare', ['--confirms', '--mandatory', '--deadline']),
     ('c_rpc', 'amqp-rpc client', 'bare', 'rpc', []),
+    ('c_rpc_thread', 'amqp-rpc client, io thread', 'bare', 'rpc', ['--io-thread']),
+    ('c_task', 'bare client, io task', 'bare', 'bare', ['--io-task']),
     ('s_pipe', 'bare server, pipelined acks', 'bare_pipe', 'bare', []),
     ('s_conf', 'bare server + confirms', 'bare_conf', 'bare', []),
     ('s_rpcd_noconf', 'amqp-rpcd, confirm_replies = false', 'rpcd_noconf', 'bare', []),
     ('s_rpcd_warn', 'amqp-rpcd, log level warn', 'rpcd_warn', 'bare', []),
     ('s_rpcd', 'amqp-rpcd as shipped', 'rpcd', 'bare', []),
+    ('s_rpcd_thread', 'amqp-rpcd, io_thread = true', 'rpcd_thread', 'bare', []),
+    ('s_task', 'bare server, io task', 'bare_task', 'bare', []),
 ]
 LABEL = {c[0]: c[1] for c in CONFIGS}
-CLIENT_LADDER = ['bare', 'c_conf', 'c_mand', 'c_dead', 'c_rpc']
-SERVER_LADDER = ['bare', 's_pipe', 's_conf', 's_rpcd_noconf', 's_rpcd_warn', 's_rpcd']
+CLIENT_LADDER = ['bare', 'c_conf', 'c_mand', 'c_dead', 'c_rpc', 'c_rpc_thread', 'c_task']
+SERVER_LADDER = ['bare', 's_pipe', 's_conf', 's_rpcd_noconf', 's_rpcd_warn', 's_rpcd',
+                 's_rpcd_thread', 's_task']
 CLIENT_LABEL = {'bare': 'bare client', 'c_conf': '+ confirms', 'c_mand': '+ mandatory',
-                'c_dead': '+ deadline metadata', 'c_rpc': 'amqp-rpc client (`--no-retry`)'}
+                'c_dead': '+ deadline metadata', 'c_rpc': 'amqp-rpc client (`--no-retry`)',
+                'c_rpc_thread': 'amqp-rpc client, socket loop on lapin\'s thread (`--io-thread`)',
+                'c_task': 'bare client, socket loop as a task (`--io-task`)'}
 SERVER_LABEL = {'bare': 'bare server',
                 's_pipe': 'bare server, acks from a task per request (`--pipelined`)',
                 's_conf': '+ confirmed replies (`--confirms`)',
                 's_rpcd_noconf': 'amqp-rpcd, `confirm_replies = false`',
                 's_rpcd_warn': 'amqp-rpcd, `log.level = warn`',
-                's_rpcd': 'amqp-rpcd as shipped'}
+                's_rpcd': 'amqp-rpcd as shipped',
+                's_rpcd_thread': 'amqp-rpcd, socket loop on lapin\'s thread (`io_thread = true`)',
+                's_task': 'bare server, socket loop as a task (`--io-task`)'}
 # (feature, row without it, row with it)
 CLIENT_COSTS = [
     ('publisher confirms, awaited per call', 'bare', 'c_conf'),
@@ -70,6 +83,9 @@ CLIENT_COSTS = [
      'c_dead'),
     ('rest of the amqp-rpc client, against the bare client with all three', 'c_dead', 'c_rpc'),
     ('amqp-rpc client, all in, against the bare client', 'bare', 'c_rpc'),
+    ('socket loop as a task instead of lapin\'s thread, amqp-rpc client', 'c_rpc_thread',
+     'c_rpc'),
+    ('socket loop as a task instead of lapin\'s thread, bare client', 'bare', 'c_task'),
 ]
 SERVER_COSTS = [
     ('acks from a task per request (pipelining, not a safety feature), bare server', 'bare',
@@ -82,11 +98,14 @@ SERVER_COSTS = [
     ('amqp-rpcd as shipped, against the bare server with confirmed replies', 's_conf',
      's_rpcd'),
     ('amqp-rpcd as shipped, against the plain bare server', 'bare', 's_rpcd'),
+    ('socket loop as a task instead of lapin\'s thread, amqp-rpcd', 's_rpcd_thread', 's_rpcd'),
+    ('socket loop as a task instead of lapin\'s thread, bare server', 'bare', 's_task'),
 ]
 SERVER_NAMES = {'bare': 'bare echo server', 'bare_pipe': 'bare echo server --pipelined',
                 'bare_conf': 'bare echo server --confirms',
                 'rpcd_noconf': 'amqp-rpcd confirm_replies=false',
-                'rpcd_warn': 'amqp-rpcd log.level=warn', 'rpcd': 'amqp-rpcd as shipped'}
+                'rpcd_warn': 'amqp-rpcd log.level=warn', 'rpcd': 'amqp-rpcd as shipped',
+                'rpcd_thread': 'amqp-rpcd io_thread=true', 'bare_task': 'bare echo server --io-task'}
 
 
 def start_rpcd(queue, url, extra_env):
@@ -338,6 +357,10 @@ def main():
                 servers[s] = start_rpcd(q, a.url, {'AMQP_RPC__SERVICE__CONFIRM_REPLIES': 'false'})
             elif s == 'rpcd_warn':
                 servers[s] = start_rpcd(q, a.url, {'AMQP_RPC__LOG__LEVEL': 'warn'})
+            elif s == 'rpcd_thread':
+                servers[s] = start_rpcd(q, a.url, {'AMQP_RPC__AMQP__IO_THREAD': 'true'})
+            elif s == 'bare_task':
+                servers[s] = start_bare(q, a.url, ['--io-task'])
             else:
                 servers[s] = start_rpcd(q, a.url, {})
             C.log(f'{SERVER_NAMES[s]} serving on {q} (pid {servers[s].pid})')

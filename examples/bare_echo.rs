@@ -67,6 +67,11 @@ struct Cli {
     /// Queue.
     #[arg(long, default_value = "bare_echo", global = true)]
     queue: String,
+    /// Run lapin's socket loop as a task of the runtime (the option amqp-rpc's vendored lapin
+    /// adds and amqp-rpc uses) instead of on lapin's own thread. Off: plain lapin, the
+    /// reference. For measuring what the option is worth on its own.
+    #[arg(long, global = true)]
+    io_task: bool,
 }
 
 #[derive(Subcommand)]
@@ -117,7 +122,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> Result<(), lapin::Error> {
     let cli = Cli::parse();
-    let conn = Connection::connect(&cli.url, ConnectionProperties::default()).await?;
+    let props = ConnectionProperties::default().with_io_loop_on_runtime(cli.io_task);
+    let conn = Connection::connect(&cli.url, props).await?;
     match cli.command {
         Command::Server {
             prefetch,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use amqp_rpc::bench::{self, Amount, BenchSpec};
-use amqp_rpc::config::{self, LogConfig};
+use amqp_rpc::config::{self, AmqpConfig, LogConfig};
 use amqp_rpc::{telemetry, CallError, CallOptions, Client};
 use clap::{Args, Parser, Subcommand};
 
@@ -42,6 +42,10 @@ struct Target {
     /// unavailability within the timeout; other methods never are.
     #[arg(long)]
     no_retry: bool,
+    /// Run the AMQP socket loop on a thread of its own (lapin's default) rather than as a task
+    /// of the runtime (`amqp.io_thread`); slower, for comparison.
+    #[arg(long)]
+    io_thread: bool,
 }
 
 impl Target {
@@ -161,7 +165,12 @@ fn main() -> ExitCode {
 }
 
 fn client(target: &Target) -> Result<Client, CallError> {
+    let amqp = AmqpConfig {
+        io_thread: target.io_thread,
+        ..AmqpConfig::default()
+    };
     Client::builder(target.url.as_str())
+        .amqp(amqp)
         .queue(target.queue.as_str())
         .timeout(target.timeout)
         .build()
