@@ -146,7 +146,7 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
     let (outcome, replay) = match Idempotency::key(meta, &delivery.data) {
         None => (evaluate(ctx, meta, &delivery.data).await, false),
         Some(key) => {
-            if let Some(cached) = ctx.idempotency.cached(&key).await {
+            if let Some(cached) = ctx.idempotency.cached(&key) {
                 (Outcome::Reply(cached), true)
             } else {
                 let attempt = ctx.idempotency.attempt(&key, meta, delivery.redelivered);
@@ -163,7 +163,7 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
                         let result = Arc::new(result);
                         reply::answer(ctx, meta, &delivery, label, &result).await;
                         if cacheable(&result) {
-                            ctx.idempotency.remember(key, result).await;
+                            ctx.idempotency.remember(key, result);
                         }
                         return;
                     }
@@ -215,7 +215,7 @@ async fn once(
     };
     match ctx.idempotency.single_flight(key, compute).await {
         Ok((reply, fresh)) => (Outcome::Reply(reply), !fresh),
-        Err(shared) if ran_here.load(Ordering::Relaxed) => ((*shared).clone(), false),
+        Err(outcome) if ran_here.load(Ordering::Relaxed) => (outcome, false),
         // Another copy's outcome that was about its own moment (its deadline, the drain): this
         // copy, with its own deadline, is judged on its own.
         Err(_) => (evaluate(ctx, meta, body).await, false),
