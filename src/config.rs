@@ -285,6 +285,13 @@ impl Config {
         if s.max_deliveries == 0 {
             p.push("service.max_deliveries: must be at least 1".into());
         }
+        if s.reply_cache_entries == 0 {
+            p.push(
+                "service.reply_cache_entries: must be at least 1 (the reply cache makes \
+                 redelivery idempotent)"
+                    .into(),
+            );
+        }
         if s.reply_cache_ttl_secs == 0 {
             p.push("service.reply_cache_ttl_secs: must be at least 1".into());
         }

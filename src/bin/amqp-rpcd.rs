@@ -41,9 +41,9 @@ fn main() -> ExitCode {
         eprintln!("amqp-rpcd: logging: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    // One async thread: the plumbing (deliveries, replies, acks, /metrics) is I/O that one
-    // thread keeps up with past what one queue delivers, and lapin does its socket I/O on a
-    // thread of its own anyway. CPU-heavy handlers run on the blocking pool, bounded by
+    // One async thread: the plumbing (socket I/O, deliveries, replies, acks, /metrics) is I/O
+    // that one thread keeps up with past what one queue delivers; lapin's socket loop runs
+    // here too (`amqp.io_thread = false`). CPU-heavy handlers run on the blocking pool, bounded by
     // `service.concurrency`. A multi-threaded scheduler only added cross-worker wake-ups:
     // measured against it in one run at 64 in flight, 13% less daemon CPU per request and
     // 3-6% more calls/s (BENCHMARKS.md).

@@ -20,8 +20,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quick_cache::sync::{Cache, EntryAction, EntryResult};
-use quick_cache::Weighter;
+use quick_cache::sync::{Cache, DefaultLifecycle, EntryAction, EntryResult};
+use quick_cache::{DefaultHashBuilder, OptionsBuilder, UnitWeighter, Weighter};
 
 use crate::protocol::{ErrorCode, RequestError, RequestMeta};
 
@@ -66,13 +66,21 @@ impl Idempotency {
     /// A cache of at most `entries` replies, each kept for `ttl`. A reply weighs one entry
     /// per started KiB, so `entries` bounds memory too (about `entries` KiB of bodies), even
     /// when every reply is a 20 KB fib(100000).
+    /// `entries` is at least 1 (`Config::validate`).
     pub fn new(entries: u64, ttl: Duration) -> Self {
-        // quick_cache wants at least one entry; a zero-entry cache then keeps nearly nothing.
-        let entries = entries.max(1);
-        let items = usize::try_from(entries).unwrap_or(usize::MAX);
         Idempotency {
-            replies: Cache::with_weighter(items, entries, ByKib),
-            attempts: Cache::new(items),
+            replies: Cache::with_options(
+                options(entries),
+                ByKib,
+                Default::default(),
+                Default::default(),
+            ),
+            attempts: Cache::with_options(
+                options(entries),
+                UnitWeighter,
+                Default::default(),
+                Default::default(),
+            ),
             ttl,
         }
     }
@@ -145,6 +153,13 @@ impl Idempotency {
     where
         F: Future<Output = Result<CachedReply, E>>,
     {
+        // The common path hands a waiting duplicate the computing caller's value itself, even
+        // one too heavy to be stored. Only a stale entry needs the entry API to replace it.
+        match self.replies.get_value_or_guard_async(&key).await {
+            Ok(stamped) if self.fresh(&stamped) => return Ok((stamped.value, false)),
+            Ok(_stale) => {}
+            Err(guard) => return self.compute_into(guard, compute).await,
+        }
         let ttl = self.ttl;
         let guard = match self
             .replies
@@ -162,6 +177,20 @@ impl Idempotency {
             // Neither is asked for: the callback never removes, and there is no timeout.
             EntryResult::Removed(..) | EntryResult::Timeout => unreachable!("not requested"),
         };
+        self.compute_into(guard, compute).await
+    }
+
+    /// Compute with the key's placeholder held, so duplicates wait; store what may be cached.
+    async fn compute_into<E, F>(
+        &self,
+        guard: ReplyGuard<'_>,
+        compute: F,
+    ) -> Result<(CachedReply, bool), E>
+    where
+        F: Future<Output = Result<CachedReply, E>>,
+    {
+        // On `Err` (or if this future is dropped) the guard goes unfilled, and one waiting
+        // duplicate gets it and computes for itself.
         let reply = compute.await?;
         let at = Instant::now();
         let _ = guard.insert(Stamped {
@@ -170,6 +199,30 @@ impl Idempotency {
         });
         Ok((reply, true))
     }
+}
+
+type ReplyGuard<'a> = quick_cache::sync::PlaceholderGuard<
+    'a,
+    String,
+    Stamped<CachedReply>,
+    ByKib,
+    DefaultHashBuilder,
+    DefaultLifecycle<String, Stamped<CachedReply>>,
+>;
+
+/// Cache options for `entries` units of weight. One shard: only the daemon's one async thread
+/// touches the caches, and a single shard keeps the whole capacity for one heavy reply. Most
+/// of it is "cold": replies are written once and rarely read again, so what matters is
+/// recency. With quick_cache's default (97% hot), the first replies ever stored filled the
+/// hot part for good and new ones got 3% of the capacity.
+fn options(entries: u64) -> quick_cache::Options {
+    OptionsBuilder::new()
+        .estimated_items_capacity(usize::try_from(entries).unwrap_or(usize::MAX))
+        .weight_capacity(entries)
+        .shards(1)
+        .hot_allocation(0.05)
+        .build()
+        .expect("capacity and items are set")
 }
 
 /// Cache weight of a reply: one unit per started KiB of key and body.
@@ -296,6 +349,42 @@ mod tests {
         let again =
             idem.single_flight::<(), _>("k".into(), async { Ok(Arc::new(Ok(b"v".to_vec()))) });
         assert!(again.await.unwrap().1, "computed afresh");
+    }
+
+    #[test]
+    fn the_newest_replies_are_kept() {
+        let idem = Idempotency::new(1_000, Duration::from_secs(60));
+        for i in 0..10_000 {
+            idem.remember(format!("k{i}"), Arc::new(Ok(b"v".to_vec())));
+        }
+        let newest = (9_500..10_000)
+            .filter(|i| idem.cached(&format!("k{i}")).is_some())
+            .count();
+        assert!(newest >= 450, "{newest} of the newest 500 replies kept");
+    }
+
+    #[tokio::test]
+    async fn duplicates_of_a_reply_too_heavy_to_store_compute_once() {
+        let idem = Arc::new(Idempotency::new(100, Duration::from_secs(60)));
+        let runs = Arc::new(AtomicU32::new(0));
+        let calls = (0..8).map(|_| {
+            let (idem, runs) = (idem.clone(), runs.clone());
+            async move {
+                idem.single_flight::<(), _>("k".into(), async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    Ok(Arc::new(Ok(vec![7; 200 * 1024]))) // 200 KiB > 100 entries
+                })
+                .await
+                .unwrap()
+            }
+        });
+        let results = futures_util::future::join_all(calls).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "every duplicate joined");
+        assert!(results
+            .iter()
+            .all(|(r, _)| r.as_ref().as_ref().unwrap().len() == 200 * 1024));
+        assert!(idem.cached("k").is_none(), "too heavy to keep");
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! contract).
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -154,7 +153,7 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
                     return reply::give_up(ctx, meta, &delivery, attempt, label).await;
                 }
                 match prepare(ctx, meta, &delivery.data) {
-                    Prepared::Heavy(work) => once(ctx, meta, &delivery.data, key, work).await,
+                    Prepared::Heavy(work) => once(ctx, meta, key, work).await,
                     Prepared::Answer(result) => {
                         // Answered here, in microseconds, without an await in between: no
                         // duplicate can start meanwhile, so single-flight has nothing to join,
@@ -197,17 +196,16 @@ async fn expired(ctx: &RequestCtx, delivery: &Delivery) {
 }
 
 /// Run heavy work under single-flight: a duplicate arriving meanwhile joins this computation.
-/// Returns the outcome and whether it was someone else's computation (a replay).
+/// Returns the outcome and whether it was someone else's computation (a replay). An outcome
+/// about its own moment (its deadline, the drain) is not shared: a duplicate that waited for
+/// it computes for itself, judged by its own deadline.
 async fn once(
     ctx: &RequestCtx,
     meta: &RequestMeta,
-    body: &[u8],
     key: String,
     work: HeavyWork,
 ) -> (Outcome, bool) {
-    let ran_here = AtomicBool::new(false);
     let compute = async {
-        ran_here.store(true, Ordering::Relaxed);
         match run_heavy(ctx, meta, work).await {
             Outcome::Reply(r) if cacheable(&r) => Ok(r),
             other => Err(other),
@@ -215,10 +213,7 @@ async fn once(
     };
     match ctx.idempotency.single_flight(key, compute).await {
         Ok((reply, fresh)) => (Outcome::Reply(reply), !fresh),
-        Err(outcome) if ran_here.load(Ordering::Relaxed) => (outcome, false),
-        // Another copy's outcome that was about its own moment (its deadline, the drain): this
-        // copy, with its own deadline, is judged on its own.
-        Err(_) => (evaluate(ctx, meta, body).await, false),
+        Err(outcome) => (outcome, false),
     }
 }
 
