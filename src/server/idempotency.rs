@@ -160,11 +160,10 @@ impl Idempotency {
             Ok(_stale) => {}
             Err(guard) => return self.compute_into(guard, compute).await,
         }
-        let ttl = self.ttl;
         let guard = match self
             .replies
             .entry_async(&key, |_, stamped| {
-                if stamped.at.elapsed() < ttl {
+                if self.fresh(stamped) {
                     EntryAction::Retain(stamped.value.clone())
                 } else {
                     EntryAction::ReplaceWithGuard
@@ -305,24 +304,31 @@ mod tests {
         assert_eq!(idem.attempt("k", &quorum, true), 5);
     }
 
-    #[tokio::test]
-    async fn concurrent_duplicates_compute_once() {
-        let idem = Arc::new(Idempotency::new(100, Duration::from_secs(60)));
-        let runs = Arc::new(AtomicU32::new(0));
+    /// Eight concurrent duplicates of key "k" whose computation replies `body`: how many
+    /// computations ran, and each caller's (reply, computed here).
+    async fn eight_duplicates(
+        idem: &Idempotency,
+        body: Vec<u8>,
+    ) -> (u32, Vec<(CachedReply, bool)>) {
+        let runs = AtomicU32::new(0);
         let calls = (0..8).map(|_| {
-            let (idem, runs) = (idem.clone(), runs.clone());
-            async move {
-                idem.single_flight::<(), _>("k".into(), async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    tokio::task::yield_now().await;
-                    Ok(Arc::new(Ok(b"v".to_vec())))
-                })
-                .await
-                .unwrap()
-            }
+            let (runs, body) = (&runs, body.clone());
+            idem.single_flight::<(), _>("k".into(), async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                Ok(Arc::new(Ok(body)))
+            })
         });
         let results = futures_util::future::join_all(calls).await;
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let results = results.into_iter().map(Result::unwrap).collect();
+        (runs.load(Ordering::SeqCst), results)
+    }
+
+    #[tokio::test]
+    async fn concurrent_duplicates_compute_once() {
+        let idem = Idempotency::new(100, Duration::from_secs(60));
+        let (runs, results) = eight_duplicates(&idem, b"v".to_vec()).await;
+        assert_eq!(runs, 1);
         assert_eq!(results.iter().filter(|(_, fresh)| *fresh).count(), 1);
         assert!(idem.cached("k").is_some());
     }
@@ -365,22 +371,11 @@ mod tests {
 
     #[tokio::test]
     async fn duplicates_of_a_reply_too_heavy_to_store_compute_once() {
-        let idem = Arc::new(Idempotency::new(100, Duration::from_secs(60)));
-        let runs = Arc::new(AtomicU32::new(0));
-        let calls = (0..8).map(|_| {
-            let (idem, runs) = (idem.clone(), runs.clone());
-            async move {
-                idem.single_flight::<(), _>("k".into(), async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    tokio::task::yield_now().await;
-                    Ok(Arc::new(Ok(vec![7; 200 * 1024]))) // 200 KiB > 100 entries
-                })
-                .await
-                .unwrap()
-            }
-        });
-        let results = futures_util::future::join_all(calls).await;
-        assert_eq!(runs.load(Ordering::SeqCst), 1, "every duplicate joined");
+        let idem = Idempotency::new(100, Duration::from_secs(60));
+        // 200 KiB weighs 200 units, over the whole capacity of 100: never stored.
+        let (runs, results) = eight_duplicates(&idem, vec![7; 200 * 1024]).await;
+        assert_eq!(runs, 1, "every duplicate joined");
+        assert_eq!(results.len(), 8);
         assert!(results
             .iter()
             .all(|(r, _)| r.as_ref().as_ref().unwrap().len() == 200 * 1024));
