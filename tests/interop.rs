@@ -123,3 +123,47 @@ async fn amqp_rpc_calls_the_tutorial_server() {
     server.kill().await.unwrap();
     delete_queue(&queue).await;
 }
+
+/// Two client processes, one after the other, on one named reply queue, both with
+/// correlation id "1" for every call (a counter that restarts, or one id kept for every call):
+/// each gets the answer to its own request, never the reply cached for the earlier one.
+#[tokio::test]
+async fn reused_correlation_ids_never_get_another_requests_reply() {
+    let queue = unique_queue("reused-ids");
+    let replies = unique_queue("reused-ids-replies");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let run = |args: &'static [&'static str]| {
+        let mut cmd = python("reused_ids_client.py", &queue);
+        cmd.env("REPLY_QUEUE", &replies).args(args);
+        async move {
+            let out = cmd.output().await.expect("python3 runs");
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "stdout: {stdout}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout.lines().map(str::to_owned).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(run(&["fib", "10"]).await, ["55"]);
+    // The second process repeats the first one's ids with other requests.
+    let second = run(&["fib", "30", "no_such_method", "7", "fib", "10"]).await;
+    assert_eq!(second.len(), 3, "{second:?}");
+    assert_eq!(second[0], "832040");
+    assert!(
+        second[1].starts_with("error unknown_method: unknown method \"no_such_method\""),
+        "{second:?}"
+    );
+    assert_eq!(second[2], "55");
+    // Three new calls of fib(10) (one from the first process, two reusing its ids), each computed.
+    daemon.expect_requests("fib", "ok", 3).await;
+    assert_eq!(
+        daemon.metrics.replays.get(),
+        0,
+        "no reply came from the cache"
+    );
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+    delete_queue(&replies).await;
+}

@@ -1,8 +1,10 @@
 //! Idempotent redelivery: the reply cache, single-flight, and delivery-attempt counting.
 //!
 //! A request is identified by its idempotency key (`message_id`, else `reply_to` +
-//! `correlation_id`). Its reply is cached (bounded by entries and TTL), so a redelivered or
-//! duplicated request gets the same reply without running the handler again; a duplicate that
+//! `correlation_id`, always with the method and the body). Its reply is cached (bounded by
+//! entries and TTL), so a redelivered or duplicated request gets the same reply without
+//! running the handler again (without a `message_id`, only a redelivery counts as a
+//! duplicate, see [`Idempotency::may_replay`]); a duplicate that
 //! arrives while the first is still running joins that computation instead of starting a
 //! second (quick_cache's placeholder: one caller computes, the others wait for its value).
 //!
@@ -89,23 +91,33 @@ impl Idempotency {
         stamped.at.elapsed() < self.ttl
     }
 
-    /// The idempotency key of a request, when it has one. A `message_id` counts together with
-    /// the method and a hash of the body: a client that reuses `message_id` for something
-    /// else (an order number, a counter) must never get another request's reply.
+    /// The idempotency key of a request, when it has one: its id (`message_id`, else
+    /// `reply_to` + `correlation_id`) together with the method and a hash of the body. Ids
+    /// alone are not enough: clients reuse them (a counter that starts again at 1, one id
+    /// kept for every call, an order number as `message_id`), and a request must never get
+    /// another request's reply.
     pub fn key(meta: &RequestMeta, body: &[u8]) -> Option<String> {
-        if let Some(id) = &meta.message_id {
-            let mut hasher = std::hash::DefaultHasher::new();
-            body.hash(&mut hasher);
-            return Some(format!(
-                "m:{id}\u{0}{}\u{0}{:016x}",
-                meta.method,
-                hasher.finish()
-            ));
-        }
-        match (&meta.reply_to, &meta.correlation_id) {
-            (Some(to), Some(id)) => Some(format!("r:{to}\u{0}{id}")),
-            _ => None,
-        }
+        let id = match (&meta.message_id, &meta.reply_to, &meta.correlation_id) {
+            (Some(id), _, _) => format!("m:{id}"),
+            (None, Some(to), Some(id)) => format!("r:{to}\u{0}{id}"),
+            _ => return None,
+        };
+        let mut hasher = std::hash::DefaultHasher::new();
+        body.hash(&mut hasher);
+        Some(format!(
+            "{id}\u{0}{}\u{0}{:016x}",
+            meta.method,
+            hasher.finish()
+        ))
+    }
+
+    /// Whether this delivery may be answered from the cache (or join a running copy). A
+    /// `message_id` names the call, so every copy of it may. Without one, only a copy the
+    /// broker delivered before is certainly a duplicate: a fresh publish with the same
+    /// `reply_to`, `correlation_id`, method and body is a new call (a client that restarted
+    /// its counter, asking again for a value that may have changed), so it is computed.
+    pub fn may_replay(meta: &RequestMeta, delivered_before: bool) -> bool {
+        meta.message_id.is_some() || delivered_before
     }
 
     /// A reply already computed for this key.
@@ -277,11 +289,35 @@ mod tests {
             key,
             "another method"
         );
-        assert_eq!(
-            Idempotency::key(&meta(None, Some("c")), b"").unwrap(),
-            "r:q\u{0}c"
-        );
         assert_eq!(Idempotency::key(&meta(None, None), b""), None);
+    }
+
+    #[test]
+    fn reused_correlation_ids_tell_requests_apart() {
+        let first = Idempotency::key(&meta(None, Some("1")), b"10").unwrap();
+        assert!(first.starts_with("r:q\u{0}1\u{0}"));
+        assert_ne!(
+            Idempotency::key(&meta(None, Some("1")), b"30").unwrap(),
+            first,
+            "another body"
+        );
+        let other_method = RequestMeta {
+            method: "echo".into(),
+            ..meta(None, Some("1"))
+        };
+        assert_ne!(Idempotency::key(&other_method, b"10").unwrap(), first);
+        let other_queue = RequestMeta {
+            reply_to: Some("q2".into()),
+            ..meta(None, Some("1"))
+        };
+        assert_ne!(Idempotency::key(&other_queue, b"10").unwrap(), first);
+    }
+
+    #[test]
+    fn only_named_calls_and_redeliveries_replay() {
+        assert!(Idempotency::may_replay(&meta(Some("m"), Some("c")), false));
+        assert!(Idempotency::may_replay(&meta(None, Some("c")), true));
+        assert!(!Idempotency::may_replay(&meta(None, Some("c")), false));
     }
 
     #[test]

@@ -145,7 +145,9 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
     let (outcome, replay) = match Idempotency::key(meta, &delivery.data) {
         None => (evaluate(ctx, meta, &delivery.data).await, false),
         Some(key) => {
-            if let Some(cached) = ctx.idempotency.cached(&key) {
+            let may_replay = Idempotency::may_replay(meta, delivered_before(meta, &delivery));
+            let cached = may_replay.then(|| ctx.idempotency.cached(&key)).flatten();
+            if let Some(cached) = cached {
                 (Outcome::Reply(cached), true)
             } else {
                 let attempt = ctx.idempotency.attempt(&key, meta, delivery.redelivered);
@@ -153,7 +155,18 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
                     return reply::give_up(ctx, meta, &delivery, attempt, label).await;
                 }
                 match prepare(ctx, meta, &delivery.data) {
-                    Prepared::Heavy(work) => once(ctx, meta, key, work).await,
+                    Prepared::Heavy(work) if may_replay => once(ctx, meta, key, work).await,
+                    Prepared::Heavy(work) => {
+                        // A new call that reuses another's ids must not wait for that one's
+                        // result: computed alone, and kept for its own redeliveries.
+                        let outcome = run_heavy(ctx, meta, work).await;
+                        if let Outcome::Reply(result) = &outcome {
+                            if cacheable(result) {
+                                ctx.idempotency.remember(key, result.clone());
+                            }
+                        }
+                        (outcome, false)
+                    }
                     Prepared::Answer(result) => {
                         // Answered here, in microseconds, without an await in between: no
                         // duplicate can start meanwhile, so single-flight has nothing to join,
