@@ -121,8 +121,17 @@ pub fn now_epoch_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Read an integer header of any AMQP integer type (pika sends a signed long, we send u64 as
-/// a long-long); strings of digits are accepted too, for hand-written clients.
+/// The `x-deadline-ms` value our client sends: the decimal digits as a long string (AMQP
+/// field type `S`). Every mainstream AMQP library decodes a long string; the natural 64-bit
+/// integer (`l`) is one that Perl's Net::AMQP cannot decode, and a Perl server dies on it
+/// (the contract, `docs/PROTOCOL.md`, says so too).
+pub fn deadline_header_value(deadline_ms: u64) -> AMQPValue {
+    AMQPValue::LongString(deadline_ms.to_string().into())
+}
+
+/// Read an integer header of any AMQP integer type (pika sends a signed long), a whole
+/// non-negative float (JavaScript numbers), or a string of decimal digits (what our client
+/// sends, see [`deadline_header_value`]).
 pub fn header_u64(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
     let value = headers?.inner().get(name)?;
     match value {
@@ -133,12 +142,21 @@ pub fn header_u64(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
         AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
         AMQPValue::LongUInt(v) => Some(u64::from(*v)),
         AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::Float(v) => whole_f64(f64::from(*v)),
+        AMQPValue::Double(v) => whole_f64(*v),
         // AMQP timestamps count seconds, not milliseconds.
         AMQPValue::Timestamp(v) => v.checked_mul(1000),
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
         AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
         _ => None,
     }
+}
+
+/// A float that holds a whole number of milliseconds, as a `u64` (no rounding of fractions).
+fn whole_f64(v: f64) -> Option<u64> {
+    // 2^64 itself is not representable as u64; below it every whole f64 is.
+    (v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < 18_446_744_073_709_551_616.0)
+        .then_some(v as u64)
 }
 
 /// Read a string header (long or short string).
@@ -258,17 +276,39 @@ mod tests {
             AMQPValue::LongLongInt(1_700_000_000_000),
             AMQPValue::Timestamp(1_700_000_000),
             AMQPValue::LongString("1700000000000".into()),
+            AMQPValue::ShortString(" 1700000000000 ".into()),
+            AMQPValue::LongUInt(1_700_000_000),
+            AMQPValue::Double(1_700_000_000_000.0),
+            deadline_header_value(1_700_000_000_000),
         ] {
+            let expect = match value {
+                AMQPValue::LongUInt(v) => u64::from(v),
+                _ => 1_700_000_000_000,
+            };
             let mut t = FieldTable::default();
             t.insert(DEADLINE_HEADER.into(), value);
-            assert_eq!(
-                header_u64(Some(&t), DEADLINE_HEADER),
-                Some(1_700_000_000_000)
-            );
+            assert_eq!(header_u64(Some(&t), DEADLINE_HEADER), Some(expect));
         }
-        let mut t = FieldTable::default();
-        t.insert(DEADLINE_HEADER.into(), AMQPValue::LongInt(-5));
-        assert_eq!(header_u64(Some(&t), DEADLINE_HEADER), None);
+        for bad in [
+            AMQPValue::LongInt(-5),
+            AMQPValue::Double(1.5),
+            AMQPValue::Double(f64::NAN),
+            AMQPValue::LongString("12x".into()),
+            AMQPValue::Boolean(true),
+        ] {
+            let mut t = FieldTable::default();
+            t.insert(DEADLINE_HEADER.into(), bad);
+            assert_eq!(header_u64(Some(&t), DEADLINE_HEADER), None);
+        }
+    }
+
+    #[test]
+    fn our_deadline_is_a_long_string() {
+        // Net::AMQP decodes `S` but not `l`: the encoding is part of the contract.
+        assert!(matches!(
+            deadline_header_value(1_700_000_000_000),
+            AMQPValue::LongString(s) if s.as_bytes() == b"1700000000000"
+        ));
     }
 
     #[test]

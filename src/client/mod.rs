@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 use num_bigint::BigUint;
 use tokio::sync::watch;
@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{jittered, Connector};
 use crate::config::AmqpConfig;
-use crate::protocol::{expiration_ms, now_epoch_ms, ErrorCode, DEADLINE_HEADER, DIRECT_REPLY_TO};
+use crate::protocol::{
+    deadline_header_value, expiration_ms, now_epoch_ms, ErrorCode, DEADLINE_HEADER, DIRECT_REPLY_TO,
+};
 
 mod error;
 mod ids;
@@ -275,10 +277,7 @@ impl Client {
         let id = inner.ids.next();
         let (_guard, mut reply) = inner.shared.register(id.clone());
         let mut headers = FieldTable::default();
-        headers.insert(
-            DEADLINE_HEADER.into(),
-            AMQPValue::LongLongInt(deadline_ms as i64),
-        );
+        headers.insert(DEADLINE_HEADER.into(), deadline_header_value(deadline_ms));
         let props = BasicProperties::default()
             .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(id.into())

@@ -131,7 +131,8 @@ pub(super) async fn give_up(
         let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(
             "x-poison-attempts".into(),
-            AMQPValue::LongLongInt(attempt.into()),
+            // `I`, not `l`: a DLQ consumer on Net::AMQP cannot decode 64-bit integers.
+            AMQPValue::LongInt(i32::try_from(attempt).unwrap_or(i32::MAX)),
         );
         let mut props = BasicProperties::default().with_headers(headers);
         if let Some(v) = original.correlation_id() {
