@@ -7,6 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use amqp_rpc::protocol::ErrorCode;
 use common::broker::PrivateBroker;
 use common::child::*;
 use common::*;
@@ -21,6 +22,34 @@ fn sample(scrape: &str, series: &str) -> Option<f64> {
                 .and_then(|rest| rest.strip_prefix(' '))
         })
         .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn every_labelled_series_is_scraped_at_zero_before_any_traffic() {
+    let queue = unique_queue("metrics-zero");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let (status, scrape) = http_get(daemon.http.port(), "/metrics")
+        .await
+        .expect("scrape");
+    assert_eq!(status, 200);
+    let mut expect = vec![
+        "amqp_rpc_rejected_total{reason=\"no_reply_to\"}".to_owned(),
+        "amqp_rpc_rejected_total{reason=\"reply_to_unreachable\"}".to_owned(),
+        "amqp_rpc_request_duration_seconds_count{method=\"fib\"}".to_owned(),
+        "amqp_rpc_request_duration_seconds_count{method=\"unknown\"}".to_owned(),
+    ];
+    for method in ["fib", "unknown"] {
+        for outcome in std::iter::once("ok").chain(ErrorCode::ALL.iter().map(|c| c.as_str())) {
+            expect.push(format!(
+                "amqp_rpc_requests_total{{method=\"{method}\",outcome=\"{outcome}\"}}"
+            ));
+        }
+    }
+    for series in &expect {
+        assert_eq!(sample(&scrape, series), Some(0.0), "{series} in:\n{scrape}");
+    }
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
 }
 
 #[tokio::test]

@@ -1,10 +1,46 @@
 //! The daemon's metric families, registered into the one registry `main` creates and passes
 //! down (no global statics, so tests can run several daemons in one process).
+//!
+//! Every labelled family shows each label value it can take from the start, at zero
+//! ([`Metrics::expose_methods`], [`Rejected::ALL`]): an alert on the rate of a series that
+//! does not exist yet never fires, and a dashboard panel stays empty instead of showing 0.
 
+use crate::protocol::ErrorCode;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
+
+/// The `method` label of requests whose `type` names no method: bounded, unlike the names
+/// callers may send.
+pub const UNKNOWN_METHOD_LABEL: &str = "unknown";
+
+/// Why a request could not be answered at all: `amqp_rpc_rejected_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// No `reply_to`: nobody to answer.
+    NoReplyTo,
+    /// Publishing the reply broke the (wary) reply link: the caller is gone.
+    ReplyToUnreachable,
+}
+
+impl Rejected {
+    /// Every reason, exposed at zero from the start.
+    pub const ALL: [Rejected; 2] = [Rejected::NoReplyTo, Rejected::ReplyToUnreachable];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejected::NoReplyTo => "no_reply_to",
+            Rejected::ReplyToUnreachable => "reply_to_unreachable",
+        }
+    }
+}
+
+/// Every `outcome` label value: `ok` and each error code.
+fn outcomes() -> impl Iterator<Item = &'static str> {
+    std::iter::once("ok").chain(ErrorCode::ALL.iter().map(|c| c.as_str()))
+}
 
 /// Handles to every family; cheap to clone (each is an `Arc` inside).
 #[derive(Clone, Debug)]
@@ -122,7 +158,27 @@ impl Metrics {
         registry.register(Box::new(m.reconnects.clone()))?;
         registry.register(Box::new(m.ack_frames.clone()))?;
         registry.register(Box::new(build_info))?;
+        for reason in Rejected::ALL {
+            m.rejected.with_label_values(&[reason.as_str()]);
+        }
+        m.expose_methods(std::iter::empty());
         Ok(m)
+    }
+
+    /// Expose the per-method series of these methods (and of unknown ones) at zero: every
+    /// outcome's counter and the duration histogram.
+    pub fn expose_methods<'a>(&self, methods: impl IntoIterator<Item = &'a str>) {
+        for method in methods.into_iter().chain([UNKNOWN_METHOD_LABEL]) {
+            self.duration_for(method);
+            for outcome in outcomes() {
+                self.request(method, outcome);
+            }
+        }
+    }
+
+    /// Count a request that could not be answered.
+    pub fn reject(&self, reason: Rejected) {
+        self.rejected.with_label_values(&[reason.as_str()]).inc();
     }
 
     /// The request counter for one method and outcome.
@@ -133,5 +189,44 @@ impl Metrics {
     /// The duration histogram for one method.
     pub fn duration_for(&self, method: &str) -> Histogram {
         self.duration.with_label_values(&[method])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The label sets of one family in the registry's output.
+    fn series(registry: &Registry, family: &str) -> Vec<Vec<(String, String)>> {
+        registry
+            .gather()
+            .iter()
+            .filter(|mf| mf.name() == family)
+            .flat_map(|mf| mf.get_metric())
+            .map(|m| {
+                m.get_label()
+                    .iter()
+                    .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_label_value_is_exposed_before_it_happens() {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).unwrap();
+        metrics.expose_methods(["fib", "echo"]);
+        let rejected = series(&registry, "amqp_rpc_rejected_total");
+        assert_eq!(rejected.len(), Rejected::ALL.len());
+        let requests = series(&registry, "amqp_rpc_requests_total");
+        // fib, echo and unknown, each with ok and every code.
+        assert_eq!(requests.len(), 3 * (1 + ErrorCode::ALL.len()));
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert!(requests.contains(&vec![pair("method", "echo"), pair("outcome", "internal")]));
+        assert_eq!(
+            series(&registry, "amqp_rpc_request_duration_seconds").len(),
+            3
+        );
     }
 }

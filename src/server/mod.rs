@@ -131,6 +131,7 @@ impl Daemon {
     }
 
     async fn serve(&self, shutdown: &CancellationToken) -> Result<(), Error> {
+        self.metrics.expose_methods(self.methods.names());
         let name = format!("amqp-rpcd pid={}", std::process::id());
         let mut connector = Connector::new(&self.config.amqp, &name)?;
         let service = &self.config.service;

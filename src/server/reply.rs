@@ -15,6 +15,7 @@ use lapin::BasicProperties;
 
 use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
 use crate::publish::Publish;
+use crate::server::metrics::Rejected;
 use crate::server::request::{delivered_before, method_label, RequestCtx};
 use crate::server::settle::Settling;
 
@@ -94,10 +95,7 @@ pub(super) async fn answer(
             // failed broker node. Requeued, it would only break the link again until its
             // delivery limit, so it ends here.
             ctx.metrics.reply_publish_failures.inc();
-            ctx.metrics
-                .rejected
-                .with_label_values(&["reply_to_unreachable"])
-                .inc();
+            ctx.metrics.reject(Rejected::ReplyToUnreachable);
             tracing::warn!(error = %e, "reply-to unreachable; acking the request without a reply");
             ack(ctx, delivery);
         }

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::protocol::{now_epoch_ms, ErrorCode, RequestError, RequestMeta};
 use crate::server::idempotency::{cacheable, CachedReply, Idempotency};
 use crate::server::ledger::Ledger;
-use crate::server::metrics::Metrics;
+use crate::server::metrics::{Metrics, Rejected, UNKNOWN_METHOD_LABEL};
 use crate::server::reply;
 use crate::server::reply_link::ReplyLink;
 use crate::server::settle::Settler;
@@ -28,9 +28,6 @@ use crate::service::{HeavyWork, Methods, Work};
 /// An error reply is sent this long before the caller's deadline at the latest, so it still
 /// arrives while the caller waits (a reply after the deadline is only noise).
 pub const REPLY_MARGIN: Duration = Duration::from_millis(20);
-
-/// Label used for requests naming no registered method (keeps label cardinality bounded).
-const UNKNOWN_METHOD_LABEL: &str = "unknown";
 
 /// Everything a delivery needs, shared by all deliveries of a connection.
 #[derive(Debug)]
@@ -132,10 +129,7 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
     }
     if meta.reply_to.is_none() {
         tracing::warn!("request without reply_to: nobody to answer, dropping");
-        ctx.metrics
-            .rejected
-            .with_label_values(&["no_reply_to"])
-            .inc();
+        ctx.metrics.reject(Rejected::NoReplyTo);
         reply::ack(ctx, &delivery);
         return;
     }
