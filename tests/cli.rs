@@ -37,11 +37,18 @@ async fn call_exit_codes() {
         (Some(0), "6765")
     );
 
-    for (arg, code) in [
-        ("abc", "invalid_argument"),
-        ("100001", "out_of_range"),
-        ("-1", "invalid_argument"),
-    ] {
+    // Arguments fib never takes are refused before anything is sent (exit 2, like a usage
+    // error): a foreign server could crash on them.
+    for arg in ["abc", "-1", "", "1.5"] {
+        let out = cli(&["call", "fib", arg, "--queue", &queue]).await;
+        assert_eq!(out.status.code(), Some(2), "{arg}");
+        assert!(
+            text(&out.stderr).contains("fib takes a decimal integer n >= 0"),
+            "{arg}: {}",
+            text(&out.stderr)
+        );
+    }
+    for (arg, code) in [("100001", "out_of_range")] {
         let out = cli(&["call", "fib", arg, "--queue", &queue]).await;
         assert_eq!(out.status.code(), Some(5), "{arg}");
         assert!(
@@ -50,6 +57,11 @@ async fn call_exit_codes() {
             text(&out.stderr)
         );
     }
+    assert_eq!(
+        daemon.requests("fib", "invalid_argument"),
+        0,
+        "nothing was sent"
+    );
     let out = cli(&["call", "nosuch", "1", "--queue", &queue]).await;
     assert_eq!(out.status.code(), Some(5));
     assert!(text(&out.stderr).contains("unknown_method"));
@@ -146,8 +158,14 @@ async fn stalled_daemon_call_times_out_and_the_request_is_never_computed() {
     )
     .await;
     let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    // Every series is exposed at zero from the start: none of fib's may have moved.
+    let fib_counts: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("amqp_rpc_requests_total{method=\"fib\""))
+        .collect();
+    assert!(!fib_counts.is_empty(), "fib's series are exposed:\n{metrics}");
     assert!(
-        !metrics.contains("amqp_rpc_requests_total{method=\"fib\""),
+        fib_counts.iter().all(|l| l.ends_with(" 0")),
         "fib ran:\n{metrics}"
     );
     assert_eq!(queue_message_count(&queue).await, 0);
@@ -223,4 +241,53 @@ async fn password_never_reaches_the_log_even_at_trace_level() {
         "{log}"
     );
     assert!(!log.contains("Wr0ng-Passw0rd"), "password leaked");
+}
+
+/// A server that is not ours answers fib with something that is not a number (an empty body,
+/// `NaN`): the CLI says so and exits 7, never printing it as a result with exit 0.
+#[tokio::test]
+async fn a_reply_that_is_not_what_the_method_promises_is_an_error() {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+    let queue = unique_queue("cli-nonsense");
+    let (_conn, ch) = declare_queue(&queue).await;
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "nonsense".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let server = tokio::spawn(async move {
+        for body in [&b"NaN"[..], b""] {
+            let delivery = consumer.next().await.unwrap().unwrap();
+            let props = lapin::BasicProperties::default()
+                .with_correlation_id(delivery.properties.correlation_id().clone().unwrap());
+            let to = delivery.properties.reply_to().clone().unwrap();
+            ch.basic_publish(
+                "".into(),
+                to.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap();
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    });
+    for shown in ["\"NaN\"", "\"\""] {
+        let out = cli(&["call", "fib", "10", "--queue", &queue, "--no-retry"]).await;
+        assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("is not the decimal digits of fib(n)") && stderr.contains(shown),
+            "{stderr}"
+        );
+        assert_eq!(text(&out.stdout), "", "nothing printed as a result");
+    }
+    server.await.unwrap();
+    delete_queue(&queue).await;
 }

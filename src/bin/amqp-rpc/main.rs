@@ -1,5 +1,8 @@
 //! `amqp-rpc`: the command-line client. `call` makes one call and maps its outcome to an exit
 //! code; `bench` drives closed-loop load. Both are thin layers over [`amqp_rpc::Client`].
+//! Arguments and replies of the methods it knows are checked ([`known`]).
+
+mod known;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,6 +20,10 @@ mod exit {
     pub const TIMEOUT: u8 = 4;
     pub const REMOTE: u8 = 5;
     pub const UNAVAILABLE: u8 = 6;
+    /// clap's own code for usage errors: a known method's argument it does not take, too.
+    pub const USAGE: u8 = 2;
+    /// A success reply that is not what the method promises (a foreign server's nonsense).
+    pub const BAD_REPLY: u8 = 7;
 }
 
 /// Call RPC methods served by amqp-rpcd (or any tutorial-style server) over RabbitMQ.
@@ -63,8 +70,9 @@ const IDEMPOTENT_METHODS: &[&str] = &["fib"];
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Make one call and print the result. Exit codes: 0 ok, 2 usage, 3 no server,
-    /// 4 timeout, 5 remote error, 6 broker unreachable or connection lost.
+    /// Make one call and print the result. Exit codes: 0 ok, 2 usage (or an argument the
+    /// method does not take), 3 no server, 4 timeout, 5 remote error, 6 broker unreachable or
+    /// connection lost, 7 a reply that is not what the method promises.
     Call {
         /// Method name, e.g. fib.
         method: String,
@@ -145,6 +153,10 @@ fn main() -> ExitCode {
                 json,
                 target,
             } => {
+                if let Err(e) = known::check_arg(&method, &arg) {
+                    eprintln!("error: {e}");
+                    return exit::USAGE;
+                }
                 let amount = requests.map_or(Amount::Duration(duration), Amount::Requests);
                 let options = target.options(&method);
                 let spec = BenchSpec {
@@ -177,6 +189,10 @@ fn client(target: &Target) -> Result<Client, CallError> {
 }
 
 async fn call(method: String, arg: String, target: Target) -> u8 {
+    if let Err(e) = known::check_arg(&method, &arg) {
+        eprintln!("error: {e}");
+        return exit::USAGE;
+    }
     let result = match client(&target) {
         Ok(client) => {
             client
@@ -186,10 +202,16 @@ async fn call(method: String, arg: String, target: Target) -> u8 {
         Err(e) => Err(e),
     };
     match result {
-        Ok(body) => {
-            println!("{}", String::from_utf8_lossy(&body));
-            0
-        }
+        Ok(body) => match known::check_reply(&method, &body) {
+            Ok(()) => {
+                println!("{}", String::from_utf8_lossy(&body));
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                exit::BAD_REPLY
+            }
+        },
         Err(e) => {
             let code = match &e {
                 CallError::NoServer { .. } => exit::NO_SERVER,
