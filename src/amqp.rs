@@ -1,5 +1,6 @@
 //! Broker plumbing shared by the daemon and the client: connecting with backoff across a list
-//! of brokers, and declaring or probing the service queue.
+//! of brokers, and probing the service queue (the daemon's declaration policy is
+//! [`crate::queue`]).
 //!
 //! TCP_NODELAY is set by lapin's tokio reactor on every socket (async-rs `set_nodelay(true)`),
 //! heartbeats are requested through the URI so a dead peer is noticed, and every attempt is
@@ -19,12 +20,12 @@ use std::time::Duration;
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, Queue};
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{redact_text, redact_url, AmqpConfig, QueueType, ServiceConfig};
+use crate::config::{redact_text, redact_url, AmqpConfig};
 
 /// First reconnect delay; doubles up to the configured cap.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -42,10 +43,11 @@ pub enum SetupError {
     },
     /// The service queue exists with other arguments than ours.
     #[error(
-        "queue {queue:?} already exists with different settings ({detail}). Fix: make \
-         service.queue_type, service.max_deliveries and service.dead_letter_queue match the \
-         existing queue, or delete it (rabbitmqctl delete_queue {queue}; its messages are lost) \
-         so it is redeclared, or pick another service.queue"
+        "queue {queue:?} already exists with different settings ({detail}), and \
+         service.declare = \"strict\". Fix: set service.declare = \"auto\" to serve the queue \
+         as it is, or make service.queue_type and service.dead_letter_queue match it, or delete \
+         it (rabbitmqctl delete_queue {queue}; its messages are lost) so it is redeclared, or \
+         pick another service.queue"
     )]
     QueueClash {
         /// Queue name.
@@ -181,79 +183,6 @@ pub fn jittered(d: Duration) -> Duration {
     half + half.mul_f64(fastrand::f64())
 }
 
-/// Declare the service queue with the arguments its type needs.
-///
-/// Classic queues are declared exactly as the RabbitMQ tutorial does (non-durable, no
-/// arguments), so the tutorial's own server can share the queue with us. Quorum queues get
-/// `x-delivery-limit` one above `max_deliveries`, so the daemon sees the last attempt and
-/// answers it with an `internal` error before the broker would drop it, and dead-letter to
-/// `dead_letter_queue` when one is set.
-pub async fn declare_service_queue(
-    channel: &Channel,
-    service: &ServiceConfig,
-) -> Result<Queue, DeclareError> {
-    let mut args = FieldTable::default();
-    let options = match service.queue_type {
-        QueueType::Classic => QueueDeclareOptions::default(),
-        QueueType::Quorum => {
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(i64::from(service.max_deliveries) + 1),
-            );
-            if !service.dead_letter_queue.is_empty() {
-                args.insert(
-                    "x-dead-letter-exchange".into(),
-                    AMQPValue::LongString("".into()),
-                );
-                args.insert(
-                    "x-dead-letter-routing-key".into(),
-                    AMQPValue::LongString(service.dead_letter_queue.as_str().into()),
-                );
-            }
-            QueueDeclareOptions::durable()
-        }
-    };
-    channel
-        .queue_declare(service.queue.as_str().into(), options, args)
-        .await
-        .map_err(|e| match soft_error(&e) {
-            Some((AMQPSoftError::PRECONDITIONFAILED, detail)) => {
-                DeclareError::Fatal(SetupError::QueueClash {
-                    queue: service.queue.clone(),
-                    detail,
-                })
-            }
-            _ => DeclareError::Broker(e),
-        })
-}
-
-/// Declare the durable classic queue that keeps copies of poison requests for inspection.
-pub async fn declare_dead_letter_queue(
-    channel: &Channel,
-    name: &str,
-) -> Result<Queue, DeclareError> {
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| match soft_error(&e) {
-            Some((AMQPSoftError::PRECONDITIONFAILED, detail)) => {
-                DeclareError::Fatal(SetupError::QueueClash {
-                    queue: name.to_owned(),
-                    detail,
-                })
-            }
-            _ => DeclareError::Broker(e),
-        })
-}
-
 /// Why a declaration failed: fatal (fix the config) or a broker hiccup (retry).
 #[derive(Debug, thiserror::Error)]
 pub enum DeclareError {
@@ -263,6 +192,9 @@ pub enum DeclareError {
     /// The connection or channel failed; retry after reconnecting.
     #[error("broker error while declaring: {0}")]
     Broker(#[from] lapin::Error),
+    /// `service.declare = "never"` and the queue does not exist (yet): retry later.
+    #[error("queue {0:?} does not exist, and service.declare = \"never\": waiting for it to be declared")]
+    Missing(String),
 }
 
 /// What a passive declare says about a service queue.

@@ -30,12 +30,28 @@ pub struct ConfigError {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
-    /// Non-durable classic queue, the tutorial's declaration (requests are deadline-bound, so
-    /// persisting them buys nothing; matching the tutorial lets both share `rpc_queue`).
+    /// Classic queue, declared durable with no arguments (RabbitMQ 4.3 deprecates
+    /// non-durable, non-exclusive queues).
     #[default]
     Classic,
     /// Replicated quorum queue (durable by nature), for clusters.
     Quorum,
+}
+
+/// How the daemon treats the service queue (`service.declare`, see [`crate::queue`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Declare {
+    /// Serve a queue that exists as it is, whatever its type and arguments, and say what it
+    /// is; declare a missing one in the `queue_type` shape.
+    #[default]
+    Auto,
+    /// Declare the `queue_type` shape; a queue that exists in another shape is a fatal clash
+    /// (exit 78), for deployments where the config is the truth.
+    Strict,
+    /// Never declare: the queue is the operator's (definitions, policies). A missing queue
+    /// is waited for.
+    Never,
 }
 
 /// Log line format.
@@ -116,8 +132,10 @@ section!(
     ServiceConfig, "service" {
         /// Service queue name (routing key on the default exchange).
         queue: String = "rpc_queue".into(),
-        /// `classic` or `quorum`.
+        /// `classic` or `quorum`: the shape a missing queue is declared in.
         queue_type: QueueType = QueueType::Classic,
+        /// `auto`, `strict` or `never` (see [`Declare`]).
+        declare: Declare = Declare::Auto,
         /// CPU-heavy handlers running at once; 0 = number of CPUs.
         concurrency: usize = 0,
         /// Unacknowledged deliveries the broker may push to this daemon.
@@ -378,7 +396,7 @@ macro_rules! plain_debug {
 }
 
 plain_debug! {
-    ServiceConfig { queue, queue_type, concurrency, prefetch, max_n, max_body_bytes, max_deliveries,
+    ServiceConfig { queue, queue_type, declare, concurrency, prefetch, max_n, max_body_bytes, max_deliveries,
         reply_cache_entries, reply_cache_ttl_secs, confirm_replies, dead_letter_queue }
     ShutdownConfig { grace_secs }
     HttpConfig { listen }

@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`protocol`]: the wire contract shared by both sides (headers, error codes, deadlines).
 //! - [`config`]: `config.toml` + `AMQP_RPC__SECTION__KEY` overrides, validation, redaction.
-//! - [`amqp`]: connecting with backoff across brokers, declaring and probing the queue.
+//! - [`amqp`]: connecting with backoff across brokers, probing the queue.
+//! - [`queue`]: finding or declaring the service queue (`service.declare`).
 //! - [`service`]: the methods served (`fib`) behind the [`service::Method`] trait.
 //! - [`server`]: the `amqp-rpcd` worker ([`server::Daemon`], [`server::run`]).
 //! - [`client`]: [`Client`], the multiplexing RPC client with deadlines, and [`CallError`].
@@ -32,6 +33,7 @@ pub mod http;
 pub mod liveness;
 pub mod protocol;
 pub(crate) mod publish;
+pub mod queue;
 pub mod secret;
 pub mod server;
 pub mod service;

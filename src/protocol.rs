@@ -17,8 +17,12 @@ pub const DEADLINE_HEADER: &str = "x-deadline-ms";
 pub const ERROR_CODE_HEADER: &str = "x-error-code";
 /// Optional W3C trace context, carried into the daemon's request span.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
-/// Delivery counter that quorum queues maintain.
+/// Delivery counter that quorum queues maintain. Up to RabbitMQ 4.2 it counts every return
+/// of a message (rejected, or its consumer's channel gone); from 4.3 only failed deliveries.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// RabbitMQ 4.3's count of earlier acquisitions of a quorum queue's message, whatever ended
+/// them: the one that counts a request whose worker died with it.
+pub const ACQUIRED_COUNT_HEADER: &str = "x-acquired-count";
 /// Method used when `type` is absent or empty: the tutorial's clients never set it.
 pub const DEFAULT_METHOD: &str = "fib";
 /// RabbitMQ's pseudo-queue for direct reply-to.
@@ -181,7 +185,8 @@ pub struct RequestMeta {
     pub method: String,
     /// Absolute deadline, epoch ms.
     pub deadline_ms: Option<u64>,
-    /// Quorum queues' delivery counter, when present.
+    /// Earlier deliveries the broker counted (quorum queues): the larger of
+    /// `x-delivery-count` and `x-acquired-count`, when either is present.
     pub delivery_count: Option<u64>,
     /// W3C trace context, when present.
     pub traceparent: Option<String>,
@@ -204,7 +209,8 @@ impl RequestMeta {
             message_id: non_empty(props.message_id()),
             method: non_empty(props.kind()).unwrap_or_else(|| DEFAULT_METHOD.to_owned()),
             deadline_ms: header_u64(headers, DEADLINE_HEADER),
-            delivery_count: header_u64(headers, DELIVERY_COUNT_HEADER),
+            delivery_count: header_u64(headers, DELIVERY_COUNT_HEADER)
+                .max(header_u64(headers, ACQUIRED_COUNT_HEADER)),
             traceparent: header_str(headers, TRACEPARENT_HEADER).map(str::to_owned),
         }
     }
@@ -321,6 +327,25 @@ mod tests {
         assert_eq!(meta.reply_to.as_deref(), Some("q"));
         assert_eq!(meta.correlation_id, None);
         assert_eq!(meta.method, DEFAULT_METHOD);
+    }
+
+    #[test]
+    fn broker_counts_are_the_larger_of_both_headers() {
+        let count = |pairs: &[(&str, i64)]| {
+            let mut t = FieldTable::default();
+            for (k, v) in pairs {
+                t.insert((*k).into(), AMQPValue::LongLongInt(*v));
+            }
+            RequestMeta::from_properties(&BasicProperties::default().with_headers(t)).delivery_count
+        };
+        assert_eq!(count(&[]), None);
+        assert_eq!(count(&[(DELIVERY_COUNT_HEADER, 2)]), Some(2));
+        // RabbitMQ 4.3: a worker that died does not fail the delivery, but it did acquire it.
+        assert_eq!(
+            count(&[(DELIVERY_COUNT_HEADER, 0), (ACQUIRED_COUNT_HEADER, 3)]),
+            Some(3)
+        );
+        assert_eq!(count(&[(ACQUIRED_COUNT_HEADER, 1)]), Some(1));
     }
 
     #[test]

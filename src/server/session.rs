@@ -15,11 +15,12 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::amqp::{declare_dead_letter_queue, declare_service_queue, Connector, DeclareError};
+use crate::amqp::{Connector, DeclareError};
 use crate::config::Config;
 use crate::error::Error;
 use crate::liveness::{Liveness, BEAT_EVERY};
 use crate::protocol::RequestMeta;
+use crate::queue::{declare_dead_letter_queue, ensure_service_queue, meaning};
 use crate::server::idempotency::Idempotency;
 use crate::server::ledger::Ledger;
 use crate::server::metrics::Metrics;
@@ -67,11 +68,14 @@ pub(super) async fn serve(
 ) -> End {
     let service = &parts.config.service;
     let setup = async {
-        let consume = conn.create_channel().await?;
-        declare_service_queue(&consume, service).await?;
-        if !service.dead_letter_queue.is_empty() {
-            declare_dead_letter_queue(&consume, &service.dead_letter_queue).await?;
+        let found = ensure_service_queue(conn, service).await?;
+        if !parts.after_loss {
+            tracing::info!(queue = %service.queue, ?found, "service queue: {}", meaning(&found, service));
         }
+        if !service.dead_letter_queue.is_empty() {
+            declare_dead_letter_queue(conn, &service.dead_letter_queue).await?;
+        }
+        let consume = conn.create_channel().await?;
         consume
             .basic_qos(service.prefetch, BasicQosOptions::default())
             .await?;
@@ -104,7 +108,7 @@ pub(super) async fn serve(
     let (consume, reply, mut consumer, tag) = match setup.await {
         Ok(parts) => parts,
         Err(DeclareError::Fatal(e)) => return End::Fatal(e.into()),
-        Err(DeclareError::Broker(e)) => {
+        Err(e @ (DeclareError::Broker(_) | DeclareError::Missing(_))) => {
             close(conn).await;
             return End::Lost(format!("set-up failed: {e}"));
         }
