@@ -163,7 +163,10 @@ async fn stalled_daemon_call_times_out_and_the_request_is_never_computed() {
         .lines()
         .filter(|l| l.starts_with("amqp_rpc_requests_total{method=\"fib\""))
         .collect();
-    assert!(!fib_counts.is_empty(), "fib's series are exposed:\n{metrics}");
+    assert!(
+        !fib_counts.is_empty(),
+        "fib's series are exposed:\n{metrics}"
+    );
     assert!(
         fib_counts.iter().all(|l| l.ends_with(" 0")),
         "fib ran:\n{metrics}"
