@@ -148,8 +148,8 @@ struct Probe {
 
 impl Session {
     /// Fail fast when nobody serves `queue`: a passive declare, cached for [`PROBE_TTL`] when it
-    /// finds consumers. Probe errors other than "missing" are not fatal: the mandatory flag and
-    /// the deadline still bound the call.
+    /// finds consumers. Probe errors other than "missing" are not fatal (and are cached too):
+    /// the mandatory flag and the deadline still bound the call.
     pub async fn check_server(&self, queue: &str, shared: &Shared) -> Result<(), CallError> {
         let now_ms = |born: Instant| born.elapsed().as_millis() as u64;
         if now_ms(self.born) < self.probe_ok_until_ms.load(Ordering::Relaxed) {
@@ -186,7 +186,12 @@ impl Session {
                 Err(no_server("the queue does not exist"))
             }
             Err(e) => {
+                // E.g. ACCESS_REFUSED: since RabbitMQ 4.2.6 and 4.3.0 a passive declare needs
+                // configure permission, which a caller's user often lacks. Not asked again
+                // for a while, so such a client does not pay a refused probe per call.
                 probe.channel = None;
+                let until = now_ms(self.born) + PROBE_TTL.as_millis() as u64;
+                self.probe_ok_until_ms.store(until, Ordering::Relaxed);
                 tracing::debug!(error = %e, "queue probe failed; relying on mandatory + deadline");
                 Ok(())
             }
