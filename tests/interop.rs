@@ -1,39 +1,22 @@
 //! Interop with the RabbitMQ tutorial's own Python pika programs (tests/interop/*.py, kept as
-//! the tutorial wrote them): their client against our daemon, our client against their server.
+//! the tutorial wrote them): their client against our daemon, our client against their server,
+//! and our daemon and their server on one queue (helpers in `tests/common/foreign.rs`).
 
 mod common;
+#[path = "common/foreign.rs"]
+mod foreign;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use foreign::*;
 use tokio::process::Command;
 
-/// Host and port of the test broker, for the pika scripts.
-fn broker_host_port() -> (String, u16) {
-    let url = amqp_url();
-    let uri: lapin::uri::AMQPUri = url
-        .split(',')
-        .next()
-        .unwrap()
-        .parse()
-        .expect("AMQP_URL parses");
-    (uri.authority.host, uri.authority.port)
-}
-
 fn python(script: &str, queue: &str) -> Command {
-    let (host, port) = broker_host_port();
     let mut cmd = Command::new("python3");
-    cmd.arg(format!(
-        "{}/tests/interop/{script}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .env("AMQP_HOST", host)
-    .env("AMQP_PORT", port.to_string())
-    .env("RPC_QUEUE", queue)
-    .env("RPC_TIMEOUT_S", "20")
-    .kill_on_drop(true);
+    cmd.arg(interop_dir().join(script))
+        .env("RPC_TIMEOUT_S", "20");
+    point_at(&mut cmd, queue);
     cmd
 }
 
@@ -88,22 +71,7 @@ async fn tutorial_client_fails_loudly_on_an_error_reply_instead_of_hanging() {
 #[tokio::test]
 async fn amqp_rpc_calls_the_tutorial_server() {
     let queue = unique_queue("pika-server");
-    let mut server = python("tutorial_server.py", &queue)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("python3 runs");
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("Awaiting RPC requests") {
-                return;
-            }
-        }
-        panic!("tutorial server exited before it was ready");
-    })
-    .await
-    .expect("tutorial server ready in time");
+    let mut server = TheirServer::start(Lang::Pika, &queue).await;
 
     let out = Command::new(env!("CARGO_BIN_EXE_amqp-rpc"))
         .args(["call", "fib", "20", "--queue", &queue, "--url", &amqp_url()])
@@ -120,8 +88,22 @@ async fn amqp_rpc_calls_the_tutorial_server() {
 
     let client = client(&queue, Duration::from_secs(10)).await;
     assert_eq!(client.fib(25).await.unwrap().to_string(), "75025");
-    server.kill().await.unwrap();
+    server.child.kill().await.unwrap();
     delete_queue(&queue).await;
+}
+
+/// Started first, the tutorial server declares its classic non-durable queue; amqp-rpcd on its
+/// default config serves that queue beside it.
+#[tokio::test]
+async fn amqp_rpcd_shares_the_tutorial_servers_queue() {
+    amqp_rpcd_joins_their_server(Lang::Pika).await;
+}
+
+/// Started after amqp-rpcd, the tutorial server's non-durable declaration is refused: the
+/// daemon never declares a non-durable queue, so this server must start first.
+#[tokio::test]
+async fn tutorial_server_dies_after_amqp_rpcd_on_a_classic_queue() {
+    their_server_dies_after_amqp_rpcd_on_classic(Lang::Pika).await;
 }
 
 /// Two client processes, one after the other, on one named reply queue, both with
