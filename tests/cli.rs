@@ -76,7 +76,7 @@ async fn call_exit_codes() {
     let ch = conn.create_channel().await.unwrap();
     ch.queue_declare(
         missing.as_str().into(),
-        QueueDeclareOptions::default(),
+        QueueDeclareOptions::durable(),
         FieldTable::default(),
     )
     .await

@@ -6,11 +6,20 @@
 //! its config, data and logs, so nothing is read from `/etc/rabbitmq` (whose config binds 5672,
 //! the shared node's port) and nothing is written where the shared node keeps its state. It
 //! reuses the shared Erlang cookie (read-only), so `rabbitmqctl` reaches it as it is.
+//!
+//! With `AMQP_RPC_TEST_RABBITMQ_ROOT` naming a folder holding another RabbitMQ (made and
+//! prepared by `deploy/local/rabbitmq4.sh`: RabbitMQ 4.3 from Debian testing, its own Erlang),
+//! the nodes boot inside it instead, with chroot(1) as that folder's `rabbitmq` user: their
+//! directories are `ROOT/tmp/amqprpc-<id>` (`/tmp/amqprpc-<id>` to the node), they register
+//! with the folder's own epmd (`AMQP_RPC_TEST_RABBITMQ_EPMD_PORT`, default 4374; the host's
+//! belongs to the host's node), use the folder's cookie, and [`cli`](PrivateBroker::cli) runs the
+//! folder's CLI tools. Unset, the host's RabbitMQ runs them, as above.
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use lapin::{Connection, ConnectionProperties};
@@ -25,20 +34,105 @@ pub const QUEUES: &str = "/usr/sbin/rabbitmq-queues";
 /// The `rabbitmq` user's home: its owner is the user the node runs as, and its
 /// `.erlang.cookie` is the one `rabbitmqctl` uses.
 const RABBITMQ_HOME: &str = "/var/lib/rabbitmq";
+/// The folder's CLI tools, by the name of the host's wrapper ([`CTL`], [`QUEUES`]). Run as the
+/// folder's `rabbitmq` user directly, so no `su` is needed in there.
+const FOLDER_BIN: &str = "/usr/lib/rabbitmq/bin";
+/// chroot(1) `exec`s its command, as `env` does: the process spawned stays the node's VM.
+const CHROOT: &str = "/usr/sbin/chroot";
+/// The epmd of the nodes in a folder, unless `AMQP_RPC_TEST_RABBITMQ_EPMD_PORT` says otherwise
+/// (the same default as deploy/local/rabbitmq4.sh).
+const FOLDER_EPMD_PORT: u16 = 4374;
 /// A cold boot takes 5-15 s; allow for a loaded machine.
 const BOOT_LIMIT: Duration = Duration::from_secs(60);
 /// A CLI command against a live node answers in about a second; one against a dead or booting
 /// node gives up by itself, but nothing may hang a test.
 const CLI_LIMIT: Duration = Duration::from_secs(60);
 
+/// A folder holding another RabbitMQ, which the nodes run chrooted in.
+struct Folder {
+    root: PathBuf,
+    /// The folder's `rabbitmq` user, whom the nodes run as (its uid is someone else's on the
+    /// host).
+    uid: u32,
+    gid: u32,
+    /// The folder's epmd (the host's belongs to the host's node).
+    epmd_port: u16,
+}
+
+/// The folder named by `AMQP_RPC_TEST_RABBITMQ_ROOT`, read once; `None`: the host's RabbitMQ.
+fn folder() -> Option<&'static Folder> {
+    static FOLDER: OnceLock<Option<Folder>> = OnceLock::new();
+    FOLDER
+        .get_or_init(|| {
+            let root = std::env::var_os("AMQP_RPC_TEST_RABBITMQ_ROOT").filter(|r| !r.is_empty())?;
+            let root = PathBuf::from(root);
+            assert!(
+                running_as_root(),
+                "AMQP_RPC_TEST_RABBITMQ_ROOT={} needs root (chroot)",
+                root.display()
+            );
+            // What deploy/local/rabbitmq4.sh's prepare step provides; without it nodes fail in
+            // obscure ways (no /proc: no memory detection; no hosts: no `@localhost`).
+            for needed in [
+                "proc/self",
+                "etc/hosts",
+                "dev/urandom",
+                "var/lib/rabbitmq/.erlang.cookie",
+            ] {
+                assert!(
+                    root.join(needed).exists(),
+                    "{} has no {needed}: run `deploy/local/rabbitmq4.sh prepare` (or start)",
+                    root.display()
+                );
+            }
+            let passwd =
+                std::fs::read_to_string(root.join("etc/passwd")).expect("the folder's passwd");
+            let entry: Vec<&str> = passwd
+                .lines()
+                .find(|l| l.starts_with("rabbitmq:"))
+                .expect("a rabbitmq user in the folder")
+                .split(':')
+                .collect();
+            let epmd_port = match std::env::var("AMQP_RPC_TEST_RABBITMQ_EPMD_PORT") {
+                Ok(p) => p
+                    .parse()
+                    .expect("AMQP_RPC_TEST_RABBITMQ_EPMD_PORT is a port"),
+                Err(_) => FOLDER_EPMD_PORT,
+            };
+            Some(Folder {
+                root,
+                uid: entry[2].parse().expect("rabbitmq's uid"),
+                gid: entry[3].parse().expect("rabbitmq's gid"),
+                epmd_port,
+            })
+        })
+        .as_ref()
+}
+
+/// The user the nodes run as (when we are root): the folder's `rabbitmq`, or whoever owns the
+/// host's `rabbitmq` home.
+fn rabbitmq_user() -> (u32, u32) {
+    match folder() {
+        Some(f) => (f.uid, f.gid),
+        None => {
+            let owner = std::fs::metadata(RABBITMQ_HOME).expect("rabbitmq home");
+            (owner.uid(), owner.gid())
+        }
+    }
+}
+
 /// A RabbitMQ node of our own; dropped, its VM is killed and its temp dir removed.
 pub struct PrivateBroker {
     node: String,
     port: u16,
     dist_port: u16,
+    /// The node's directory, where we write and read its files.
     dir: PathBuf,
+    /// The same directory as the node sees it (differs when it runs in a folder).
+    node_dir: PathBuf,
     /// The node's VM itself: with `RABBITMQ_ALLOW_INPUT` the script `exec`s into `erl`, which
-    /// `exec`s `beam.smp`, so this handle is exactly this node's VM (checked at each boot).
+    /// `exec`s `beam.smp` (in a folder, `chroot` and `env` before them `exec` too), so this
+    /// handle is exactly this node's VM (checked at each boot).
     /// `None` after [`kill9`](Self::kill9).
     beam: Option<Child>,
     /// How long the last boot (start or restart) took until the AMQP handshake succeeded.
@@ -52,7 +146,8 @@ impl PrivateBroker {
     }
 
     /// Like [`start`](Self::start), with more `rabbitmq.conf` lines and files in the node's
-    /// directory (`{dir}` in the lines is replaced by that directory), e.g. a TLS listener.
+    /// directory (`{dir}` in the lines is replaced by that directory, as the node sees it),
+    /// e.g. a TLS listener.
     pub async fn start_with(extra_conf: &str, extra_files: &[(&str, String)]) -> PrivateBroker {
         let ports = free_ports(2);
         let mut broker = Self::prepare(ports[0], ports[1], extra_conf, extra_files);
@@ -80,9 +175,20 @@ impl PrivateBroker {
         extra_files: &[(&str, String)],
     ) -> PrivateBroker {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
-        let dir = std::env::temp_dir().join(format!("amqprpc-{id}"));
+        let name = format!("amqprpc-{id}");
+        let (dir, node_dir) = match folder() {
+            None => (
+                std::env::temp_dir().join(&name),
+                std::env::temp_dir().join(&name),
+            ),
+            // Inside the folder, where the node can see it.
+            Some(f) => (
+                f.root.join("tmp").join(&name),
+                Path::new("/tmp").join(&name),
+            ),
+        };
         std::fs::create_dir_all(&dir).expect("broker temp dir");
-        let extra_conf = extra_conf.replace("{dir}", dir.to_str().expect("UTF-8 temp dir"));
+        let extra_conf = extra_conf.replace("{dir}", node_dir.to_str().expect("UTF-8 temp dir"));
         let mut files = vec![
             // An explicit listener, so the node never reads the shared one's 5672 config.
             (
@@ -104,17 +210,17 @@ impl PrivateBroker {
         }
         // The node runs as the `rabbitmq` user, which must own its data and log dirs.
         if running_as_root() {
-            let owner = std::fs::metadata(RABBITMQ_HOME).expect("rabbitmq home");
+            let (uid, gid) = rabbitmq_user();
             for path in std::iter::once(dir.clone()).chain(files.iter().map(|f| dir.join(f.0))) {
-                std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid()))
-                    .expect("chown to rabbitmq");
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown to rabbitmq");
             }
         }
         PrivateBroker {
-            node: format!("amqprpc-{id}@localhost"),
+            node: format!("{name}@localhost"),
             port,
             dist_port,
             dir,
+            node_dir,
             beam: None,
             boot_time: Duration::ZERO,
         }
@@ -176,18 +282,42 @@ impl PrivateBroker {
     /// Start the VM and wait for the broker to accept connections.
     async fn boot(&mut self) {
         let t0 = Instant::now();
-        let dir = self.dir.clone();
-        let at = |name: &str| dir.join(name);
+        // Paths as the node sees them, for its environment.
+        let node_dir = self.node_dir.clone();
+        let at = |name: &str| node_dir.join(name);
         let console = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(at("console.log"))
+            .open(self.dir.join("console.log"))
             .expect("console log");
-        let mut cmd = Command::new(SERVER);
-        cmd.current_dir(&self.dir) // crash dumps land here, not in the shared node's home
-            .env_clear() // nothing of ours (RABBITMQ_*, ERL_*) leaks into the node
+        let mut cmd = match folder() {
+            None => {
+                let mut cmd = Command::new(SERVER);
+                cmd.current_dir(&self.dir); // crash dumps land here, not in the shared node's home
+                if running_as_root() {
+                    // As the server wrapper would, without its `su`: the node must not run as root.
+                    let (uid, gid) = rabbitmq_user();
+                    cmd.uid(uid).gid(gid);
+                }
+                cmd
+            }
+            // chroot(1) drops to the folder's user itself (our `uid()` would apply before it,
+            // and only root may chroot), then `env` moves into the node's directory, for the
+            // same crash dumps; both `exec`, so the child is still the VM.
+            Some(f) => {
+                let mut cmd = Command::new(CHROOT);
+                cmd.arg(format!("--userspec={}:{}", f.uid, f.gid))
+                    .arg(format!("--groups={}", f.gid))
+                    .arg(&f.root)
+                    .arg("/usr/bin/env")
+                    .arg(format!("--chdir={}", node_dir.display()))
+                    .arg(SERVER);
+                cmd
+            }
+        };
+        cmd.env_clear() // nothing of ours (RABBITMQ_*, ERL_*) leaks into the node
             .env("PATH", "/usr/sbin:/usr/bin:/bin")
-            .env("HOME", RABBITMQ_HOME) // the shared cookie, read-only
+            .env("HOME", RABBITMQ_HOME) // the shared (or the folder's) cookie, read-only
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_CONF_ENV_FILE", at("rabbitmq-env.conf"))
@@ -211,17 +341,18 @@ impl PrivateBroker {
             .stdin(Stdio::null())
             .stdout(console.try_clone().unwrap())
             .stderr(console);
-        if running_as_root() {
-            // As the server wrapper would, without its `su`: the node must not run as root.
-            let owner = std::fs::metadata(RABBITMQ_HOME).expect("rabbitmq home");
-            cmd.uid(owner.uid()).gid(owner.gid());
+        if let Some(f) = folder() {
+            // The folder's epmd, never the host's (which the host's node uses), and a UTF-8
+            // locale the folder's Erlang finds.
+            cmd.env("ERL_EPMD_PORT", f.epmd_port.to_string())
+                .env("LC_ALL", "C.UTF-8");
         }
         self.beam = Some(cmd.spawn().expect("rabbitmq-server runs"));
         self.wait_up(t0).await;
         let pid = self.beam.as_ref().unwrap().id();
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         assert_eq!(comm.trim(), "beam.smp", "pid {pid} is the node's VM");
-        let pid_file = std::fs::read_to_string(at("pid")).unwrap_or_default();
+        let pid_file = std::fs::read_to_string(self.dir.join("pid")).unwrap_or_default();
         assert_eq!(pid_file.trim(), pid.to_string(), "the node's own pid file");
     }
 
@@ -262,9 +393,28 @@ impl PrivateBroker {
         }
     }
 
-    /// `TOOL -n NODE args...` ([`CTL`] or [`QUEUES`]): its stdout, or what went wrong.
+    /// `TOOL -n NODE args...` ([`CTL`] or [`QUEUES`]): its stdout, or what went wrong. With
+    /// the nodes in a folder, the folder's tool of that name runs there, as its `rabbitmq`
+    /// user (whose home holds the cookie the nodes use) and with the nodes' epmd.
     pub async fn cli(&self, tool: &str, args: &[&str]) -> Result<String, String> {
-        let run = tokio::process::Command::new(tool)
+        let mut cmd = match folder() {
+            None => tokio::process::Command::new(tool),
+            Some(f) => {
+                let name = Path::new(tool).file_name().expect("a tool's name");
+                let mut cmd = tokio::process::Command::new(CHROOT);
+                cmd.arg(format!("--userspec={}:{}", f.uid, f.gid))
+                    .arg(format!("--groups={}", f.gid))
+                    .arg(&f.root)
+                    .arg(Path::new(FOLDER_BIN).join(name))
+                    .env_clear()
+                    .env("PATH", "/usr/sbin:/usr/bin:/bin")
+                    .env("HOME", RABBITMQ_HOME)
+                    .env("LC_ALL", "C.UTF-8")
+                    .env("ERL_EPMD_PORT", f.epmd_port.to_string());
+                cmd
+            }
+        };
+        let run = cmd
             .arg("-n")
             .arg(&self.node)
             .args(args)
@@ -302,7 +452,8 @@ impl PrivateBroker {
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        // Only our own VM: epmd is shared with every other node and stays.
+        // Only our own VM: epmd is shared with every other node and stays (in a folder,
+        // deploy/local/rabbitmq4.sh's stop ends it with everything else running there).
         if let Some(mut beam) = self.beam.take() {
             let _ = beam.kill();
             let _ = beam.wait();

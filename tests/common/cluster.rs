@@ -3,7 +3,8 @@
 //!
 //! The nodes are [`PrivateBroker`]s (own ports and data dirs, the shared cookie), booted at once
 //! and then joined to the first one with `rabbitmqctl join_cluster`, which is how an operator
-//! builds a cluster by hand. What the cluster thinks of itself (running nodes, a queue's leader
+//! builds a cluster by hand. With `AMQP_RPC_TEST_RABBITMQ_ROOT` set they all boot in that
+//! folder's RabbitMQ (4.3) and the CLI is the folder's: see [`super::broker`]. What the cluster thinks of itself (running nodes, a queue's leader
 //! and online members) is read through the CLI's JSON output, from a node the test names, so a
 //! test can ask a survivor while another node is down.
 //!

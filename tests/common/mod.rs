@@ -204,13 +204,15 @@ pub async fn raw_connection() -> Connection {
         .expect("raw connection")
 }
 
-/// Declare `queue` as the tutorial does (classic, non-durable) on a fresh connection.
+/// Declare `queue` (classic, durable, no arguments) on a fresh connection.
 pub async fn declare_queue(queue: &str) -> (Connection, Channel) {
     let conn = raw_connection().await;
     let ch = conn.create_channel().await.unwrap();
+    // Durable: RabbitMQ 4.3 deprecates non-durable, non-exclusive queues (and upstream's
+    // default configuration refuses them).
     ch.queue_declare(
         queue.into(),
-        QueueDeclareOptions::default(),
+        QueueDeclareOptions::durable(),
         FieldTable::default(),
     )
     .await
