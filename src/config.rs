@@ -180,7 +180,11 @@ section!(
     /// `[log]`: tracing output.
     LogConfig, "log" {
         /// An `EnvFilter` directive (`info`, `amqp_rpc=debug,lapin=warn`, ...); `RUST_LOG` wins.
-        level: String = "info".into(),
+        /// The default silences `lapin::channel`, which logs every channel the broker closes
+        /// as an error, the daemon's own probes of its queue included (a passive declare of a
+        /// missing queue, the comparison with one of another shape); the daemon says what each
+        /// means itself, and a channel lost while serving ends in its own warning.
+        level: String = "info,lapin::channel=off".into(),
         /// `text` or `json`.
         format: LogFormat = LogFormat::Text,
     }
