@@ -15,6 +15,8 @@ use lapin::BasicProperties;
 pub const DEADLINE_HEADER: &str = "x-deadline-ms";
 /// Header carrying the error code on an error reply.
 pub const ERROR_CODE_HEADER: &str = "x-error-code";
+/// Header on an error reply: whether a retry of the same request may help (a boolean, `t`).
+pub const ERROR_RETRYABLE_HEADER: &str = "x-error-retryable";
 /// Optional W3C trace context, carried into the daemon's request span.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// Delivery counter that quorum queues maintain. Up to RabbitMQ 4.2 it counts every return
@@ -31,15 +33,21 @@ pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 pub const REPLY_CONTENT_TYPE: &str = "text/plain";
 
 /// The error codes of the contract, carried in the `x-error-code` header of an error reply.
+///
+/// The first seven are the daemon's own; the rest are for methods' application errors, after
+/// the gRPC canonical codes (same names, same meanings), so a caller in any language can act
+/// on them. Whether a retry may help is a property of the code ([`ErrorCode::is_retryable`]),
+/// also sent as the `x-error-retryable` header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorCode {
-    /// Body not a decimal integer, empty, not UTF-8, or `correlation_id` missing.
+    /// Body not what the method takes, not UTF-8, or `correlation_id` missing.
     InvalidArgument,
     /// Argument parsed but beyond the method's bound (`n > max_n`).
     OutOfRange,
     /// `type` names no registered method.
     UnknownMethod,
-    /// Body over `max_body_bytes`.
+    /// Body over `max_body_bytes`, or a method's own quota.
     ResourceExhausted,
     /// Work could not finish before the request's deadline.
     DeadlineExceeded,
@@ -47,11 +55,32 @@ pub enum ErrorCode {
     Internal,
     /// The daemon cannot serve now.
     Unavailable,
+    /// The caller may not do this (a method's own check).
+    PermissionDenied,
+    /// The thing asked about does not exist.
+    NotFound,
+    /// The thing to be created exists already.
+    AlreadyExists,
+    /// The system is not in the state the operation needs (retrying the same request will
+    /// not help until the state changes).
+    FailedPrecondition,
+    /// The operation was aborted by a conflict (a concurrency clash): a retry may succeed.
+    Aborted,
+    /// The method exists but does not implement this operation.
+    Unimplemented,
+    /// The caller is not authenticated as the method requires.
+    Unauthenticated,
+    /// The operation was cancelled (by the server, e.g. while draining).
+    Cancelled,
+    /// Unrecoverable data loss or corruption.
+    DataLoss,
+    /// An error the method could not classify.
+    Unknown,
 }
 
 impl ErrorCode {
     /// Every code, in contract order.
-    pub const ALL: [ErrorCode; 7] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidArgument,
         ErrorCode::OutOfRange,
         ErrorCode::UnknownMethod,
@@ -59,6 +88,16 @@ impl ErrorCode {
         ErrorCode::DeadlineExceeded,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
+        ErrorCode::PermissionDenied,
+        ErrorCode::NotFound,
+        ErrorCode::AlreadyExists,
+        ErrorCode::FailedPrecondition,
+        ErrorCode::Aborted,
+        ErrorCode::Unimplemented,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Cancelled,
+        ErrorCode::DataLoss,
+        ErrorCode::Unknown,
     ];
 
     /// The wire spelling.
@@ -71,14 +110,28 @@ impl ErrorCode {
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::FailedPrecondition => "failed_precondition",
+            ErrorCode::Aborted => "aborted",
+            ErrorCode::Unimplemented => "unimplemented",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::DataLoss => "data_loss",
+            ErrorCode::Unknown => "unknown",
         }
     }
 
-    /// Whether the same request may succeed if sent again (the contract's "caller may retry?").
-    /// `internal` is "maybe": we say no, because a handler that failed once on the same input
-    /// will most likely fail again, and the poison limit already retried on the server side.
+    /// Whether the same request may succeed if sent again (the contract's "caller may retry?"):
+    /// `deadline_exceeded`, `unavailable` and `aborted`, as gRPC advises. `internal` is
+    /// "maybe": we say no, because a handler that failed once on the same input will most
+    /// likely fail again, and the poison limit already retried on the server side.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::DeadlineExceeded | ErrorCode::Unavailable)
+        matches!(
+            self,
+            ErrorCode::DeadlineExceeded | ErrorCode::Unavailable | ErrorCode::Aborted
+        )
     }
 }
 
@@ -244,6 +297,10 @@ pub fn reply_properties(
         headers.insert(
             ERROR_CODE_HEADER.into(),
             AMQPValue::LongString(code.as_str().into()),
+        );
+        headers.insert(
+            ERROR_RETRYABLE_HEADER.into(),
+            AMQPValue::Boolean(code.is_retryable()),
         );
         props = props.with_headers(headers);
     }

@@ -13,7 +13,9 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
-use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta};
+use crate::protocol::{
+    now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta, REPLY_CONTENT_TYPE,
+};
 use crate::publish::Publish;
 use crate::server::metrics::Rejected;
 use crate::server::request::{delivered_before, method_label, RequestCtx};
@@ -53,7 +55,7 @@ pub(super) async fn answer(
     }
     let answered = ctx.metrics.request(label, outcome);
     if !wary(ctx, meta, delivery) {
-        let (body, props) = reply_parts(meta, result, remaining);
+        let (body, props) = reply_parts(ctx, meta, result, remaining);
         // Started, not awaited, and handed to the settler, which acks once the broker has
         // confirmed the reply (with `confirm_replies`) or once lapin has written it (without:
         // the reply channel is then the consume channel itself, so the broker sees the reply
@@ -195,8 +197,9 @@ fn wary(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) -> bool {
             .is_some_and(|until| tokio::time::Instant::now() < until)
 }
 
-/// The reply's body and properties.
+/// The reply's body and properties: a success reply carries its method's content type.
 fn reply_parts<'r>(
+    ctx: &RequestCtx,
     meta: &RequestMeta,
     result: &'r Result<Vec<u8>, RequestError>,
     remaining: Option<Duration>,
@@ -205,7 +208,16 @@ fn reply_parts<'r>(
         Ok(body) => (body.as_slice(), None),
         Err(e) => (e.message.as_bytes(), Some(e.code)),
     };
-    let props = reply_properties(meta.correlation_id.as_deref(), code, remaining);
+    let mut props = reply_properties(meta.correlation_id.as_deref(), code, remaining);
+    if result.is_ok() {
+        let content_type = ctx
+            .methods
+            .get(&meta.method)
+            .map_or(REPLY_CONTENT_TYPE, |m| m.content_type());
+        if content_type != REPLY_CONTENT_TYPE {
+            props = props.with_content_type(content_type.into());
+        }
+    }
     (body, props)
 }
 
@@ -217,7 +229,7 @@ async fn publish_wary(
     result: &Result<Vec<u8>, RequestError>,
     remaining: Option<Duration>,
 ) -> Result<(), PublishFailure> {
-    let (body, props) = reply_parts(meta, result, remaining);
+    let (body, props) = reply_parts(ctx, meta, result, remaining);
     let _one_at_a_time = ctx.wary_replies.one_at_a_time.lock().await;
     let channel = ctx
         .wary_replies
@@ -270,7 +282,7 @@ pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &D
                 .await
                 .is_ok(),
             false => {
-                let (body, props) = reply_parts(meta, &error, remaining);
+                let (body, props) = reply_parts(ctx, meta, &error, remaining);
                 let sent = send(ctx, &ctx.reply_channel, reply_to, body, props).await;
                 matches!(sent, Ok(false))
             }

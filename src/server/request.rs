@@ -10,6 +10,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::Channel;
 use tokio::sync::Semaphore;
@@ -23,7 +24,7 @@ use crate::server::metrics::{Metrics, Rejected, UNKNOWN_METHOD_LABEL};
 use crate::server::reply;
 use crate::server::reply_link::ReplyLink;
 use crate::server::settle::Settler;
-use crate::service::{HeavyWork, Methods, Work};
+use crate::service::{Methods, Request, Work};
 
 /// An error reply is sent this long before the caller's deadline at the latest, so it still
 /// arrives while the caller waits (a reply after the deadline is only noise).
@@ -53,6 +54,9 @@ pub struct RequestCtx {
     pub metrics: Metrics,
     /// Fires when the daemon starts draining: work not yet started is given back.
     pub draining: CancellationToken,
+    /// Fires when a drain gives up on the requests still running: each handler's
+    /// [`Request::cancelled`] is a child of it.
+    pub abandon: CancellationToken,
     /// Reply cache and attempt counts; shared across reconnects.
     pub idempotency: Arc<Idempotency>,
     /// Attempts before a request is poison.
@@ -137,7 +141,7 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
         return expired(ctx, &delivery).await;
     }
     let (outcome, replay) = match Idempotency::key(meta, &delivery.data) {
-        None => (evaluate(ctx, meta, &delivery.data).await, false),
+        None => (evaluate(ctx, meta, &delivery).await, false),
         Some(key) => {
             let may_replay = Idempotency::may_replay(meta, delivered_before(meta, &delivery));
             let cached = may_replay.then(|| ctx.idempotency.cached(&key)).flatten();
@@ -149,11 +153,13 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
                     return reply::give_up(ctx, meta, &delivery, attempt, label).await;
                 }
                 match prepare(ctx, meta, &delivery.data) {
-                    Prepared::Heavy(work) if may_replay => once(ctx, meta, key, work).await,
-                    Prepared::Heavy(work) => {
+                    Prepared::Run(job) if may_replay => {
+                        once(ctx, meta, &delivery, attempt, key, job).await
+                    }
+                    Prepared::Run(job) => {
                         // A new call that reuses another's ids must not wait for that one's
                         // result: computed alone, and kept for its own redeliveries.
-                        let outcome = run_heavy(ctx, meta, work).await;
+                        let outcome = run(ctx, meta, &delivery, attempt, job).await;
                         if let Outcome::Reply(result) = &outcome {
                             if cacheable(result) {
                                 ctx.idempotency.remember(key, result.clone());
@@ -209,11 +215,13 @@ async fn expired(ctx: &RequestCtx, delivery: &Delivery) {
 async fn once(
     ctx: &RequestCtx,
     meta: &RequestMeta,
+    delivery: &Delivery,
+    attempt: u32,
     key: String,
-    work: HeavyWork,
+    job: Job,
 ) -> (Outcome, bool) {
     let compute = async {
-        match run_heavy(ctx, meta, work).await {
+        match run(ctx, meta, delivery, attempt, job).await {
             Outcome::Reply(r) if cacheable(&r) => Ok(r),
             other => Err(other),
         }
@@ -228,15 +236,23 @@ async fn once(
 enum Prepared {
     /// Answered already: an error from the checks, or work cheap enough to do inline.
     Answer(Result<Vec<u8>, RequestError>),
-    /// Work for the blocking pool.
-    Heavy(HeavyWork),
+    /// Work to run: on the blocking pool, or a future to await.
+    Run(Job),
 }
 
-/// Check, prepare, and run to the end.
-async fn evaluate(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8]) -> Outcome {
-    match prepare(ctx, meta, body) {
+/// A method's work with the limit it runs under.
+struct Job {
+    /// Never [`Work::Done`]: that is answered inline.
+    work: Work,
+    /// The method's own limit on requests running at once.
+    limit: Option<Arc<Semaphore>>,
+}
+
+/// Check, prepare, and run to the end (requests without an idempotency key).
+async fn evaluate(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) -> Outcome {
+    match prepare(ctx, meta, &delivery.data) {
         Prepared::Answer(result) => Outcome::reply(result),
-        Prepared::Heavy(work) => run_heavy(ctx, meta, work).await,
+        Prepared::Run(job) => run(ctx, meta, delivery, 1, job).await,
     }
 }
 
@@ -273,13 +289,24 @@ fn prepare(ctx: &RequestCtx, meta: &RequestMeta, body: &[u8]) -> Prepared {
         Err(_) => failed(panicked()),
         Ok(Err(e)) => failed(e),
         Ok(Ok(Work::Done(answer))) => Prepared::Answer(Ok(answer)),
-        Ok(Ok(Work::Heavy(work))) => Prepared::Heavy(work),
+        Ok(Ok(work)) => Prepared::Run(Job {
+            work,
+            limit: method.limit().cloned(),
+        }),
     }
 }
 
-/// Run CPU work on the blocking pool under the concurrency limit, giving up (with a
-/// `deadline_exceeded` reply that still arrives in time) when the deadline draws near.
-async fn run_heavy(ctx: &RequestCtx, meta: &RequestMeta, work: HeavyWork) -> Outcome {
+/// Run a method's work under its limits and the deadline: CPU work on the blocking pool under
+/// `service.concurrency`, async work on the reactor. Gives up with a `deadline_exceeded` reply
+/// that still arrives in time when the deadline draws near, and then cancels the handler's
+/// [`Request::cancelled`] (an async handler's future is dropped as well).
+async fn run(
+    ctx: &RequestCtx,
+    meta: &RequestMeta,
+    delivery: &Delivery,
+    attempt: u32,
+    job: Job,
+) -> Outcome {
     let give_up_at = meta
         .remaining(now_epoch_ms())
         .map(|left| tokio::time::Instant::now() + left.saturating_sub(REPLY_MARGIN));
@@ -289,36 +316,113 @@ async fn run_heavy(ctx: &RequestCtx, meta: &RequestMeta, work: HeavyWork) -> Out
             "the work could not finish before the request's deadline",
         )))
     };
+    let needs_cpu = matches!(job.work, Work::Heavy(_) | Work::Blocking(_));
+    let acquire = async {
+        let own = match &job.limit {
+            Some(limit) => Some(limit.clone().acquire_owned().await),
+            None => None,
+        };
+        let cpu = match needs_cpu {
+            true => Some(ctx.cpu.clone().acquire_owned().await),
+            false => None,
+        };
+        (own, cpu)
+    };
     let acquire = async {
         tokio::select! {
             biased;
-            permit = ctx.cpu.clone().acquire_owned() => Some(permit),
+            permits = acquire => Some(permits),
             _ = ctx.draining.cancelled() => None,
         }
     };
-    let permit = match until(give_up_at, acquire).await {
+    let permits = match until(give_up_at, acquire).await {
         None => return too_late(),
         Some(None) => return Outcome::GiveBack,
-        Some(Some(permit)) => permit.expect("the concurrency semaphore is never closed"),
+        Some(Some((Some(Err(_)), _) | (_, Some(Err(_))))) => unreachable!("never closed"),
+        Some(Some(permits)) => permits,
     };
     if meta.expired(now_epoch_ms()) {
         return Outcome::Expired;
     }
-    // The permit moves into the blocking task: if we stop waiting, the limit still counts the
-    // thread until it really finishes.
-    let task = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        work()
-    });
-    match until(give_up_at, task).await {
-        None => too_late(),
+    let cancel = ctx.abandon.child_token();
+    let request = || {
+        Request::new(
+            delivery.data.clone(),
+            meta.clone(),
+            &delivery.properties,
+            attempt,
+            delivery.redelivered,
+            cancel.clone(),
+        )
+    };
+    // The permits move into the work: if we stop waiting, the limits still count a blocking
+    // thread until it really finishes (an async handler's future is dropped with them).
+    let blocking = |permits: Permits, work: Box<dyn FnOnce() -> Reply + Send>| {
+        tokio::task::spawn_blocking(move || {
+            let _permits = permits;
+            work()
+        })
+    };
+    let finished = match job.work {
+        Work::Done(body) => Some(Ok(Ok(body))),
+        Work::Heavy(work) => until(give_up_at, blocking(permits, work)).await.map(joined),
+        Work::Blocking(work) => {
+            let req = request();
+            until(give_up_at, blocking(permits, Box::new(move || work(req))))
+                .await
+                .map(joined)
+        }
+        Work::Async(work) => {
+            // A handler may panic before its future exists (in the closure) or in it.
+            let Ok(reply) = std::panic::catch_unwind(AssertUnwindSafe(|| work(request()))) else {
+                return Outcome::reply(Err(panicked()));
+            };
+            let reply = AssertUnwindSafe(reply).catch_unwind();
+            let reply = async move {
+                let _permits = permits;
+                reply.await
+            };
+            until(give_up_at, reply)
+                .await
+                .map(|r| r.map_err(|_| Failed::Panicked))
+        }
+    };
+    match finished {
+        None => {
+            cancel.cancel();
+            too_late()
+        }
         Some(Ok(result)) => Outcome::reply(result),
-        Some(Err(join)) if join.is_panic() => Outcome::reply(Err(panicked())),
-        Some(Err(join)) => Outcome::reply(Err(RequestError::new(
+        Some(Err(Failed::Panicked)) => Outcome::reply(Err(panicked())),
+        Some(Err(Failed::Other(e))) => Outcome::reply(Err(RequestError::new(
             ErrorCode::Internal,
-            format!("handler task failed: {join}"),
+            format!("handler task failed: {e}"),
         ))),
     }
+}
+
+/// A handler's answer.
+type Reply = Result<Vec<u8>, RequestError>;
+/// The permits a running request holds: its method's own, and a CPU one for blocking work.
+type Permits = (
+    Option<Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>>,
+    Option<Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>>,
+);
+
+/// How running a handler failed, other than by its own error.
+enum Failed {
+    Panicked,
+    Other(String),
+}
+
+/// A blocking task's end, as [`Failed`].
+fn joined(
+    r: Result<Result<Vec<u8>, RequestError>, tokio::task::JoinError>,
+) -> Result<Result<Vec<u8>, RequestError>, Failed> {
+    r.map_err(|e| match e.is_panic() {
+        true => Failed::Panicked,
+        false => Failed::Other(e.to_string()),
+    })
 }
 
 /// Await `fut`, or give up at `at` (never, when there is no deadline).

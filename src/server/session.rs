@@ -120,6 +120,7 @@ pub(super) async fn serve(
     };
     let session_lost = CancellationToken::new();
     let closing = CancellationToken::new();
+    let abandon = CancellationToken::new();
     let ledger = Arc::new(Ledger::new(
         consume.clone(),
         parts.metrics.ack_frames.clone(),
@@ -142,6 +143,7 @@ pub(super) async fn serve(
         confirm_replies: service.confirm_replies,
         metrics: parts.metrics.clone(),
         draining: shutdown.clone(),
+        abandon: abandon.clone(),
         idempotency: parts.idempotency.clone(),
         max_deliveries: service.max_deliveries,
         dead_letter_queue: service.dead_letter_queue.clone(),
@@ -179,7 +181,9 @@ pub(super) async fn serve(
     tracker.close();
     if let Some(reason) = lost {
         // In-flight tasks may still finish; their acks go to a dead channel and fail, and the
-        // broker redelivers. Nothing from this connection is ever acked on the next one.
+        // broker redelivers. Nothing from this connection is ever acked on the next one, so
+        // handlers still running are told their work is wasted.
+        abandon.cancel();
         settler_task.abort();
         close(conn).await;
         ctx.wary_replies.close().await;
@@ -212,6 +216,10 @@ pub(super) async fn serve(
     let finished = tokio::time::timeout_at(deadline, tracker.wait())
         .await
         .is_ok();
+    if !finished {
+        // Left unacked for redelivery: tell the handlers still running that it is over.
+        abandon.cancel();
+    }
     let unfinished = tracker.len();
     // The last replies' acks, before the connection closes (or they would be redelivered).
     closing.cancel();

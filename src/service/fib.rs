@@ -294,6 +294,7 @@ mod tests {
         let run = |body: &str| match Fib::new(DEFAULT_MAX_N).prepare(body.as_bytes()) {
             Ok(Work::Done(reply)) => Ok((true, reply)),
             Ok(Work::Heavy(work)) => work().map(|reply| (false, reply)).map_err(|e| e.code),
+            Ok(other) => panic!("fib never asks for {other:?}"),
             Err(e) => Err(e.code),
         };
         let reply = |n: u64| fib_decimal(n).into_bytes();

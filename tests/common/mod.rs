@@ -279,6 +279,9 @@ pub struct RawRequester {
 pub struct RawReply {
     pub correlation_id: Option<String>,
     pub error_code: Option<ErrorCode>,
+    /// The `x-error-retryable` header of an error reply.
+    pub retryable: Option<bool>,
+    pub content_type: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -354,6 +357,10 @@ impl RawRequester {
                 amqp_rpc::protocol::ERROR_CODE_HEADER,
             )
             .map(|c| c.parse().expect("a contract error code")),
+            retryable: headers
+                .and_then(|h| h.inner().get(amqp_rpc::protocol::ERROR_RETRYABLE_HEADER))
+                .map(|v| matches!(v, lapin::types::AMQPValue::Boolean(true))),
+            content_type: d.properties.content_type().as_ref().map(|s| s.to_string()),
             body: d.data,
         }
     }
