@@ -294,3 +294,43 @@ async fn a_reply_that_is_not_what_the_method_promises_is_an_error() {
     server.await.unwrap();
     delete_queue(&queue).await;
 }
+
+/// A method the CLI does not know is retried only when the caller says it is idempotent.
+#[tokio::test]
+async fn idempotent_flag_retries_an_unavailable_answer() {
+    use amqp_rpc::protocol::RequestError;
+    use amqp_rpc::service::{handler, Methods, Request};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let queue = unique_queue("cli-idem");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    // Every odd-numbered call is answered `unavailable`, every even one succeeds.
+    let methods = Methods::default().with(handler("flaky", move |_req: Request| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match n % 2 {
+                0 => Err(RequestError::new(
+                    amqp_rpc::ErrorCode::Unavailable,
+                    "try again",
+                )),
+                _ => Ok(b"done".to_vec()),
+            }
+        }
+    }));
+    let daemon = TestDaemon::start_with(test_config(&queue), Some(methods)).await;
+    let out = cli(&["call", "flaky", "x", "--queue", &queue, "--idempotent"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).trim()),
+        (Some(0), "done"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "retried once");
+    let out = cli(&["call", "flaky", "x", "--queue", &queue]).await;
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("unavailable"));
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "not retried");
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}

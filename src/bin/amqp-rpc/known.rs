@@ -4,7 +4,7 @@
 //! must never send the first or print the second as a success.
 //!
 //! Methods the CLI does not know pass through untouched: their argument is the body as
-//! given, and any reply is printed.
+//! given, any reply is printed, and they are retried only with `--idempotent`.
 
 use amqp_rpc::service::fib;
 
@@ -20,6 +20,8 @@ pub struct Known {
     pub returns: &'static str,
     /// Whether a success reply has the promised shape.
     pub reply_ok: fn(&[u8]) -> bool,
+    /// Safe to send twice (retried within the timeout unless `--no-retry`).
+    pub idempotent: bool,
 }
 
 /// The methods the CLI knows.
@@ -29,6 +31,7 @@ const KNOWN: &[Known] = &[Known {
     arg_ok: |arg| fib::parse(arg.as_bytes(), u64::MAX).is_ok(),
     returns: "the decimal digits of fib(n)",
     reply_ok: |body| !body.is_empty() && body.iter().all(u8::is_ascii_digit),
+    idempotent: true,
 }];
 
 /// What the CLI knows of `method`, if anything.

@@ -45,10 +45,15 @@ struct Target {
     /// Per-call timeout, e.g. 700ms, 5s.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
-    /// Never resend a call. By default `fib` (idempotent) is retried on connection loss and
-    /// unavailability within the timeout; other methods never are.
-    #[arg(long)]
+    /// Never resend a call. By default a method known to be idempotent (`fib`, or any method
+    /// with --idempotent) is retried on connection loss and unavailability within the
+    /// timeout; other methods never are.
+    #[arg(long, conflicts_with = "idempotent")]
     no_retry: bool,
+    /// The method is safe to run twice: resend it (same message_id) within the timeout after a
+    /// lost connection or an `unavailable` answer.
+    #[arg(long)]
+    idempotent: bool,
     /// Run the AMQP socket loop on a thread of its own (lapin's default) rather than as a task
     /// of the runtime (`amqp.io_thread`); slower, for comparison.
     #[arg(long)]
@@ -56,17 +61,15 @@ struct Target {
 }
 
 impl Target {
-    /// Options for calls of `method`: only known-idempotent methods are retried.
+    /// Options for calls of `method`: only methods said or known to be idempotent are retried.
     fn options(&self, method: &str) -> CallOptions {
+        let known = known::known(method).is_some_and(|k| k.idempotent);
         CallOptions {
             timeout: self.timeout,
-            idempotent: !self.no_retry && IDEMPOTENT_METHODS.contains(&method),
+            idempotent: !self.no_retry && (self.idempotent || known),
         }
     }
 }
-
-/// Methods safe to send twice.
-const IDEMPOTENT_METHODS: &[&str] = &["fib"];
 
 #[derive(Debug, Subcommand)]
 enum Command {
