@@ -16,6 +16,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::{DefaultHashBuilder, OptionsBuilder, UnitWeighter};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +33,12 @@ pub(crate) const PROBE_TTL: Duration = Duration::from_secs(1);
 /// What a waiting call receives.
 pub(crate) type ReplyResult = Result<Vec<u8>, CallError>;
 
+/// How many service queues a client remembers (probe results, "served lately"). An
+/// application calls a handful; a caller of random names churns through this many entries
+/// and no more. Frequently used queues stay (CLOCK-Pro keeps what is used again); an evicted
+/// queue that is called again starts afresh, as on a new client.
+pub const MAX_QUEUES: usize = 1024;
+
 /// State shared by the calls and the supervisor.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -39,40 +47,92 @@ pub(crate) struct Shared {
     pub reconnects: AtomicU64,
     pub last_error: Mutex<String>,
     created: Instant,
-    /// When (ms after `created`, plus one so 0 means never) a probe last found the queue
-    /// served. Outlives connections: that is the point (see [`Shared::served_within`]).
-    served_at_ms: AtomicU64,
+    /// What the client knows about each service queue it calls, by name, bounded.
+    queues: Cache<String, Arc<QueueState>>,
 }
 
 impl Default for Shared {
     fn default() -> Self {
+        let options = OptionsBuilder::new()
+            .estimated_items_capacity(MAX_QUEUES)
+            .weight_capacity(MAX_QUEUES as u64)
+            // Only `Client::service` looks entries up (a handle keeps its own), so one shard.
+            .shards(1)
+            .build()
+            .expect("capacity and items are set");
         Shared {
             pending: Mutex::default(),
             late_replies: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             last_error: Mutex::default(),
             created: Instant::now(),
-            served_at_ms: AtomicU64::new(0),
+            queues: Cache::with_options(
+                options,
+                UnitWeighter,
+                DefaultHashBuilder::default(),
+                DefaultLifecycle::default(),
+            ),
         }
     }
 }
 
-impl Shared {
-    fn mark_served(&self) {
-        let now = self.created.elapsed().as_millis() as u64 + 1;
-        self.served_at_ms.store(now, Ordering::Relaxed);
-    }
+/// What the client knows about one service queue, shared by every handle of it (see
+/// [`Shared::queue`]). Times are ms after [`Shared`]'s creation plus one, so 0 means never.
+#[derive(Debug, Default)]
+pub(crate) struct QueueState {
+    /// When a probe last found the queue served. Outlives connections: that is the point
+    /// (see [`QueueState::served_within`]).
+    served_at_ms: AtomicU64,
+    /// When the probe whose "go ahead" is trusted started: trusted for [`PROBE_TTL`], and only
+    /// on a session born before it (a new connection probes afresh). Read without a lock, so
+    /// the common case costs one atomic load per call.
+    ok_from_ms: AtomicU64,
+    /// The last probe's outcome, for calls that waited while it ran (they take it rather than
+    /// probe again: concurrent calls of a missing queue cost one probe, not one each).
+    last: Mutex<Option<LastProbe>>,
+}
 
+#[derive(Debug)]
+struct LastProbe {
+    finished: Instant,
+    session_born_ms: u64,
+    result: Result<(), CallError>,
+}
+
+impl QueueState {
     /// Whether this client saw the queue served within `window`: then "no consumer" is most
     /// likely a gap (a failover, a restart, a rolling deploy), not a queue nobody serves.
-    pub fn served_within(&self, window: Duration) -> bool {
+    pub fn served_within(&self, shared: &Shared, window: Duration) -> bool {
         match self.served_at_ms.load(Ordering::Relaxed) {
             0 => false,
-            at => {
-                let seen = self.created + Duration::from_millis(at - 1);
-                seen.elapsed() < window
-            }
+            at => shared.now_ms().saturating_sub(at) < window.as_millis() as u64,
         }
+    }
+
+    /// Whether a probe on `session` said "go ahead" less than [`PROBE_TTL`] ago.
+    fn probed_ok(&self, session: &Session, now_ms: u64) -> bool {
+        let from = self.ok_from_ms.load(Ordering::Relaxed);
+        from >= session.born_ms && now_ms < from + PROBE_TTL.as_millis() as u64
+    }
+}
+
+impl Shared {
+    /// Ms since this client was created, plus one (so 0 can mean "never").
+    fn now_ms(&self) -> u64 {
+        self.created.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The state of `queue`: the same for every caller while it is remembered.
+    pub fn queue(&self, queue: &str) -> Arc<QueueState> {
+        self.queues
+            .get_or_insert_with(queue, || Ok::<_, std::convert::Infallible>(Arc::default()))
+            .unwrap_or_else(|never| match never {})
+    }
+
+    /// Queues remembered right now (at most [`MAX_QUEUES`]).
+    #[cfg(test)]
+    pub fn queues_len(&self) -> usize {
+        self.queues.len()
     }
 
     /// Register a call; the guard removes the entry however the call ends (reply, timeout,
@@ -134,11 +194,12 @@ pub(crate) struct Session {
     pub conn: Connection,
     /// Publishes requests (confirm mode) and consumes direct replies.
     pub channel: Channel,
+    /// The probe channel. One probe at a time: a passive declare of a missing queue closes
+    /// the channel it runs on, which would fail another queue's probe running beside it.
     probe: tokio::sync::Mutex<Probe>,
-    /// Until when (ms after `born`) the last probe's "has consumers" holds: read without the
-    /// lock, so the common case costs one atomic load per call.
-    probe_ok_until_ms: AtomicU64,
-    born: Instant,
+    /// When this session was handed out ([`Shared`]'s ms): probes of older sessions do not
+    /// count on it.
+    born_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -147,18 +208,48 @@ struct Probe {
 }
 
 impl Session {
-    /// Fail fast when nobody serves `queue`: a passive declare, cached for [`PROBE_TTL`] when it
-    /// finds consumers. Probe errors other than "missing" are not fatal (and are cached too):
-    /// the mandatory flag and the deadline still bound the call.
-    pub async fn check_server(&self, queue: &str, shared: &Shared) -> Result<(), CallError> {
-        let now_ms = |born: Instant| born.elapsed().as_millis() as u64;
-        if now_ms(self.born) < self.probe_ok_until_ms.load(Ordering::Relaxed) {
+    /// Fail fast when nobody serves `queue`: a passive declare, cached per queue for
+    /// [`PROBE_TTL`] when it finds consumers. Probe errors other than "missing" are not fatal
+    /// (and are cached too): the mandatory flag and the deadline still bound the call.
+    pub async fn check_server(
+        &self,
+        queue: &str,
+        state: &QueueState,
+        shared: &Shared,
+    ) -> Result<(), CallError> {
+        if state.probed_ok(self, shared.now_ms()) {
             return Ok(());
         }
+        let waited_from = Instant::now();
         let mut probe = self.probe.lock().await;
-        if now_ms(self.born) < self.probe_ok_until_ms.load(Ordering::Relaxed) {
-            return Ok(()); // another call probed while we waited for the lock
+        if state.probed_ok(self, shared.now_ms()) {
+            return Ok(()); // another call probed this queue while we waited for the lock
         }
+        if let Some(last) = state.last.lock().expect("probe lock").as_ref() {
+            if last.finished >= waited_from && last.session_born_ms == self.born_ms {
+                return last.result.clone(); // ... and found it unserved: no need to ask twice
+            }
+        }
+        let started_ms = shared.now_ms();
+        let result = self
+            .probe(&mut probe, queue, state, shared, started_ms)
+            .await;
+        *state.last.lock().expect("probe lock") = Some(LastProbe {
+            finished: Instant::now(),
+            session_born_ms: self.born_ms,
+            result: result.clone(),
+        });
+        result
+    }
+
+    async fn probe(
+        &self,
+        probe: &mut Probe,
+        queue: &str,
+        state: &QueueState,
+        shared: &Shared,
+        started_ms: u64,
+    ) -> Result<(), CallError> {
         let channel = match &probe.channel {
             Some(c) if c.status().connected() => c.clone(),
             _ => match self.conn.create_channel().await {
@@ -176,9 +267,8 @@ impl Session {
         match probe_queue(&channel, queue).await {
             Ok(QueueProbe::Consumers(0)) => Err(no_server("the queue has no consumer")),
             Ok(QueueProbe::Consumers(_)) => {
-                shared.mark_served();
-                let until = now_ms(self.born) + PROBE_TTL.as_millis() as u64;
-                self.probe_ok_until_ms.store(until, Ordering::Relaxed);
+                state.served_at_ms.store(shared.now_ms(), Ordering::Relaxed);
+                state.ok_from_ms.store(started_ms, Ordering::Relaxed);
                 Ok(())
             }
             Ok(QueueProbe::Missing) => {
@@ -190,9 +280,12 @@ impl Session {
                 // configure permission, which a caller's user often lacks. Not asked again
                 // for a while, so such a client does not pay a refused probe per call.
                 probe.channel = None;
-                let until = now_ms(self.born) + PROBE_TTL.as_millis() as u64;
-                self.probe_ok_until_ms.store(until, Ordering::Relaxed);
-                tracing::debug!(error = %e, "queue probe failed; relying on mandatory + deadline");
+                state.ok_from_ms.store(started_ms, Ordering::Relaxed);
+                tracing::debug!(
+                    error = %e,
+                    queue,
+                    "queue probe failed; relying on mandatory + deadline"
+                );
                 Ok(())
             }
         }
@@ -203,7 +296,10 @@ fn unavailable(e: &lapin::Error) -> CallError {
     CallError::Unavailable(e.to_string())
 }
 
-async fn open(conn: Connection) -> Result<(Arc<Session>, Consumer), (Connection, lapin::Error)> {
+async fn open(
+    conn: Connection,
+    shared: &Shared,
+) -> Result<(Arc<Session>, Consumer), (Connection, lapin::Error)> {
     let setup = async {
         let channel = conn.create_channel().await?;
         channel
@@ -228,8 +324,7 @@ async fn open(conn: Connection) -> Result<(Arc<Session>, Consumer), (Connection,
                 conn,
                 channel,
                 probe: tokio::sync::Mutex::new(Probe::default()),
-                probe_ok_until_ms: AtomicU64::new(0),
-                born: Instant::now(),
+                born_ms: shared.now_ms(),
             }),
             consumer,
         )),
@@ -252,7 +347,7 @@ pub(crate) async fn supervise(
         else {
             return;
         };
-        let (session, consumer) = match open(conn).await {
+        let (session, consumer) = match open(conn, &shared).await {
             Ok(opened) => opened,
             Err((conn, e)) => {
                 shared.set_last_error(&format!("opening the reply channel: {e}"));
@@ -331,4 +426,43 @@ fn dispatch(shared: &Shared, delivery: Delivery) {
         }
     };
     let _ = tx.send(result);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_state_per_queue_and_served_is_per_queue() {
+        let shared = Shared::default();
+        let (a, again, b) = (shared.queue("a"), shared.queue("a"), shared.queue("b"));
+        assert!(
+            Arc::ptr_eq(&a, &again),
+            "handles of one queue share its state"
+        );
+        assert!(!Arc::ptr_eq(&a, &b));
+        a.served_at_ms.store(shared.now_ms(), Ordering::Relaxed);
+        assert!(a.served_within(&shared, Duration::from_secs(30)));
+        assert!(
+            !b.served_within(&shared, Duration::from_secs(30)),
+            "a's service is not b's"
+        );
+    }
+
+    #[test]
+    fn random_queue_names_do_not_grow_the_state_without_bound() {
+        let shared = Shared::default();
+        let billing = shared.queue("billing");
+        for i in 0..20 * MAX_QUEUES {
+            let _ = shared.queue(&format!("random-{i}"));
+            if i % 16 == 0 {
+                let _ = shared.queue("billing"); // used all along
+            }
+        }
+        assert!(shared.queues_len() <= MAX_QUEUES, "{}", shared.queues_len());
+        assert!(
+            Arc::ptr_eq(&billing, &shared.queue("billing")),
+            "a queue in use stays remembered through a flood of one-off names"
+        );
+    }
 }
