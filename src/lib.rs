@@ -42,7 +42,7 @@ pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 
-pub use client::{CallError, CallOptions, Client, ClientBuilder};
+pub use client::{CallError, CallOptions, Client, ClientBuilder, Service};
 pub use config::Config;
 pub use error::Error;
 pub use protocol::ErrorCode;

@@ -29,8 +29,10 @@ pub const ACQUIRED_COUNT_HEADER: &str = "x-acquired-count";
 pub const DEFAULT_METHOD: &str = "fib";
 /// RabbitMQ's pseudo-queue for direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
-/// Content type of every reply (success digits or a one-line error message).
+/// Content type of raw requests and replies, and of every error reply (a one-line message).
 pub const REPLY_CONTENT_TYPE: &str = "text/plain";
+/// Content type of typed JSON requests and of their success replies.
+pub const JSON_CONTENT_TYPE: &str = "application/json";
 
 /// The error codes of the contract, carried in the `x-error-code` header of an error reply.
 ///

@@ -32,7 +32,8 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{jittered, Connector};
 use crate::config::AmqpConfig;
 use crate::protocol::{
-    deadline_header_value, expiration_ms, now_epoch_ms, ErrorCode, DEADLINE_HEADER, DIRECT_REPLY_TO,
+    deadline_header_value, expiration_ms, now_epoch_ms, ErrorCode, DEADLINE_HEADER,
+    DIRECT_REPLY_TO, JSON_CONTENT_TYPE,
 };
 
 mod error;
@@ -58,8 +59,6 @@ pub const NO_SERVER_RETRY_WINDOW: Duration = Duration::from_secs(1);
 pub const SERVED_RECENTLY: Duration = Duration::from_secs(30);
 const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(25);
 const RETRY_MAX_BACKOFF: Duration = Duration::from_millis(500);
-/// The content type of [`Client::call_json`] requests.
-const JSON_CONTENT_TYPE: &str = "application/json";
 /// The content type of raw requests (the tutorial's, and what `fib` takes).
 const TEXT_CONTENT_TYPE: &str = "text/plain";
 

@@ -47,8 +47,7 @@ use crate::protocol::{ErrorCode, RequestError};
 /// The future an async handler returns, boxed.
 pub type BoxReply = Pin<Box<dyn Future<Output = Result<Vec<u8>, RequestError>> + Send>>;
 
-/// Content type of a JSON method's requests and success replies.
-pub const JSON_CONTENT_TYPE: &str = "application/json";
+pub use crate::protocol::JSON_CONTENT_TYPE;
 
 /// An async method: `f(request)` answers with the reply body or an error.
 pub fn handler<F, Fut>(name: impl Into<String>, f: F) -> Handler<F>
