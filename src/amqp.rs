@@ -14,6 +14,13 @@
 //! task, a frame is read, parsed and handed over on the thread that then runs its consumer.
 //! It asks one thing of the application: not to block the runtime's threads, which this crate
 //! never does (heavy work runs on the blocking pool).
+//!
+//! The option exists only in the patched lapin, which Cargo uses only where the workspace root
+//! carries `[patch.crates-io] lapin = { path = ".../vendor/lapin" }` (this repository does). A
+//! crate that depends on amqp-rpc without it builds against crates.io's lapin: `build.rs` then
+//! leaves `cfg(lapin_io_loop_on_runtime)` unset, and the socket loop stays on lapin's thread
+//! whatever `amqp.io_thread` says (logged once). [`io_loop_on_runtime_available`] tells which
+//! build this is; docs/LIBRARY.md says how a dependent gets the faster mode.
 
 use std::time::Duration;
 
@@ -29,6 +36,51 @@ use crate::config::{redact_text, redact_url, AmqpConfig};
 
 /// First reconnect delay; doubles up to the configured cap.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Whether the lapin this crate was built against can run its socket loop as a task of the
+/// runtime (`ConnectionProperties::with_io_loop_on_runtime`, added by `vendor/lapin`).
+///
+/// True in this repository's own workspace, which patches lapin. False in a crate that depends
+/// on amqp-rpc without that `[patch.crates-io]` entry in its own workspace root: there
+/// `amqp.io_thread = false` still runs the loop on lapin's thread (docs/LIBRARY.md).
+pub const fn io_loop_on_runtime_available() -> bool {
+    cfg!(lapin_io_loop_on_runtime)
+}
+
+/// Whether connections made with `amqp` run lapin's socket loop as a task of the runtime:
+/// `amqp.io_thread = false` and [`io_loop_on_runtime_available`].
+pub fn io_loop_on_runtime(amqp: &AmqpConfig) -> bool {
+    !amqp.io_thread && io_loop_on_runtime_available()
+}
+
+/// `props` with the socket loop placed as `io_thread` asks, where this build's lapin can.
+#[cfg(lapin_io_loop_on_runtime)]
+fn place_io_loop(props: ConnectionProperties, io_thread: bool) -> ConnectionProperties {
+    props.with_io_loop_on_runtime(!io_thread)
+}
+
+/// `props` unchanged: this build's lapin always runs the socket loop on its own thread.
+#[cfg(not(lapin_io_loop_on_runtime))]
+fn place_io_loop(props: ConnectionProperties, _io_thread: bool) -> ConnectionProperties {
+    props
+}
+
+/// Say once per process that `amqp.io_thread = false` cannot be honoured, why, and the fix.
+fn note_io_loop_fallback(amqp: &AmqpConfig) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if amqp.io_thread || io_loop_on_runtime_available() {
+        return;
+    }
+    ONCE.call_once(|| {
+        tracing::info!(
+            "lapin's socket loop runs on lapin's own I/O thread, not as a task of the runtime \
+             (amqp.io_thread = false): this build uses crates.io's lapin, which lacks the option \
+             amqp-rpc's vendored lapin adds. For the faster mode, add `[patch.crates-io] lapin = \
+             {{ path = \"<amqp-rpc checkout>/vendor/lapin\" }}` to your workspace's root \
+             Cargo.toml (amqp-rpc's docs/LIBRARY.md)"
+        );
+    });
+}
 
 /// Errors of connection set-up that no retry can fix.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +153,7 @@ impl Connector {
                 reason: "no URL given".into(),
             });
         }
+        note_io_loop_fallback(amqp);
         Ok(Connector {
             uris,
             connect_timeout: Duration::from_secs(amqp.connect_timeout_secs),
@@ -124,9 +177,8 @@ impl Connector {
     pub async fn connect_once(&mut self) -> Result<Connection, String> {
         let (uri, shown) = self.uris[self.next].clone();
         self.next = (self.next + 1) % self.uris.len();
-        let props = ConnectionProperties::default()
-            .with_connection_name(self.name.clone().into())
-            .with_io_loop_on_runtime(!self.io_thread);
+        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let props = place_io_loop(props, self.io_thread);
         let tls = self.tls.clone();
         let connect = async move {
             let runtime = lapin::runtime::default_runtime()?;

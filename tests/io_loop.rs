@@ -1,6 +1,11 @@
 //! Where lapin's socket loop runs (`amqp.io_thread`): as a task of the runtime by default, so
 //! neither the daemon nor the client starts lapin's I/O thread, and on that thread when asked.
-//! Both modes answer calls. One test per file: it counts this process's threads by name.
+//! Both modes answer calls. One connecting test per file: it counts this process's threads by
+//! name.
+//!
+//! The option comes from the vendored lapin, which this workspace patches in and a dependent's
+//! workspace does not (`build.rs` detects it; `tests/outside_crate.rs` covers the dependent).
+//! Here it must be detected, or every test of the suite would quietly run on lapin's thread.
 
 mod common;
 
@@ -56,6 +61,17 @@ async fn answers_with(io_thread: bool) -> usize {
     daemon.stop().await.expect("clean stop");
     delete_queue(&queue).await;
     seen
+}
+
+#[test]
+fn this_workspace_builds_against_the_patched_lapin() {
+    assert!(
+        amqp_rpc::amqp::io_loop_on_runtime_available(),
+        "build.rs did not see DEP_LAPIN_IO_LOOP_ON_RUNTIME_IO_LOOP_ON_RUNTIME: is \
+         [patch.crates-io] lapin = vendor/lapin still in Cargo.toml, and does vendor/lapin \
+         still declare `links` and print the metadata key (vendor/README.md)?"
+    );
+    assert!(amqp_rpc::amqp::io_loop_on_runtime(&AmqpConfig::default()));
 }
 
 #[tokio::test]

@@ -3,6 +3,10 @@ fn main() {
     println!("cargo::rerun-if-env-changed=LAPIN_CODEGEN_FILE");
     println!("cargo::rerun-if-changed=templates/channel.rs");
     println!("cargo::rerun-if-changed=templates/lapin.json");
+    // amqp-rpc patch: tells the build scripts of the crates that depend on this lapin (through
+    // `links`: DEP_LAPIN_IO_LOOP_ON_RUNTIME_IO_LOOP_ON_RUNTIME) that it has
+    // `ConnectionProperties::with_io_loop_on_runtime`. The value is the option's revision.
+    println!("cargo::metadata=io_loop_on_runtime=1");
 
     #[cfg(feature = "codegen-internal")]
     codegen::generate()
