@@ -226,9 +226,15 @@ impl Client {
         Service::new(self.inner.clone(), queue)
     }
 
+    /// The handle on the builder's queue, which this client's own call methods use: one
+    /// implementation of the calls for every queue.
+    fn default_service(&self) -> Service {
+        Service::on(self.inner.clone(), self.inner.default.clone())
+    }
+
     /// Call `method` with the default timeout.
     pub async fn call(&self, method: &str, body: &[u8]) -> Result<Vec<u8>, CallError> {
-        self.call_timeout(method, body, self.inner.timeout).await
+        self.default_service().call(method, body).await
     }
 
     /// Call `method`, giving up after `timeout`. The request carries the deadline
@@ -239,14 +245,14 @@ impl Client {
         body: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>, CallError> {
-        self.call_with(method, body, CallOptions::once(timeout))
+        self.default_service()
+            .call_timeout(method, body, timeout)
             .await
     }
 
     /// Call an idempotent method with the default timeout, retrying within the deadline.
     pub async fn call_idempotent(&self, method: &str, body: &[u8]) -> Result<Vec<u8>, CallError> {
-        let options = CallOptions::retrying(self.inner.timeout);
-        self.call_with(method, body, options).await
+        self.default_service().call_idempotent(method, body).await
     }
 
     /// Call with explicit options. With `idempotent`, a call that failed on `ConnectionLost`,
@@ -262,9 +268,8 @@ impl Client {
         body: &[u8],
         options: CallOptions,
     ) -> Result<Vec<u8>, CallError> {
-        let inner = &self.inner;
-        inner
-            .call(&inner.default, method, body, TEXT_CONTENT_TYPE, options)
+        self.default_service()
+            .call_with(method, body, options)
             .await
     }
 
@@ -299,8 +304,7 @@ impl Client {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let options = CallOptions::once(self.inner.timeout);
-        self.call_json_with(method, request, options).await
+        self.default_service().call_json(method, request).await
     }
 
     /// [`call_json`](Self::call_json) with explicit options (retries as in
@@ -315,9 +319,8 @@ impl Client {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let inner = &self.inner;
-        inner
-            .call_json(&inner.default, method, request, options)
+        self.default_service()
+            .call_json_with(method, request, options)
             .await
     }
 

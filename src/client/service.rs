@@ -60,6 +60,11 @@ impl Service {
         Service { inner, target }
     }
 
+    /// A handle on a queue the client already knows (its default queue).
+    pub(super) fn on(inner: Arc<Inner>, target: Target) -> Self {
+        Service { inner, target }
+    }
+
     /// The queue this handle calls.
     pub fn queue(&self) -> &str {
         &self.target.queue
