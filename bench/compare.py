@@ -271,7 +271,7 @@ def main():
     host, port = u.hostname or 'localhost', u.port or 5672
     tag = f'{os.getpid()}_{int(time.time())}'
     queues = {s: f'bench_{s}_{tag}' for s in systems}
-    broker = broker_pid()
+    broker = broker_pid(a.url)
     if broker is None:
         log('note: broker pid not found; broker CPU will not be reported')
 

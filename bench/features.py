@@ -336,7 +336,7 @@ def main():
     needed = {c[2] for c in configs}
     tag = f'{os.getpid()}_{int(time.time())}'
     queues = {s: f'bench_feat_{s}_{tag}' for s in needed}
-    broker = C.broker_pid()
+    broker = C.broker_pid(a.url)
     if broker is None:
         C.log('note: broker pid not found; broker CPU will not be reported')
 

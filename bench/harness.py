@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RPCD = os.path.join(ROOT, 'target/release/amqp-rpcd')
@@ -76,15 +77,25 @@ def machine_ticks():
     return total - idle - steal, total, steal
 
 
-def broker_pid():
+def broker_pid(url=None):
+    """The pid of the broker process listening on `url`'s port (default 5672).
+
+    By the listening socket, so a node chrooted in a folder (deploy/local/rabbitmq4.sh) is
+    found as well as the host's own; `rabbitmqctl status` only ever names the host's node.
+    """
+    port = 5672
+    if url:
+        port = urllib.parse.urlparse(url.split(',')[0]).port or 5672
     try:
-        out = subprocess.run(['rabbitmqctl', 'status'], capture_output=True, text=True,
-                             timeout=30).stdout
-        m = re.search(r'OS PID:\s*(\d+)', out)
+        out = subprocess.run(['ss', '-Hltnp', f'sport = :{port}'], capture_output=True,
+                             text=True, timeout=10).stdout
+        m = re.search(r'pid=(\d+)', out)
         if m:
             return int(m.group(1))
     except (OSError, subprocess.SubprocessError):
         pass
+    if port != 5672:
+        return None
     out = subprocess.run(['pgrep', '-f', 'beam.smp.*rabbit'], capture_output=True,
                          text=True).stdout.split()
     return int(out[0]) if out else None

@@ -283,7 +283,7 @@ def main():
         return 2
     if not shutil.which('rabbitmqctl'):
         C.log('note: rabbitmqctl not found; queues will not be deleted at the end')
-    broker = C.broker_pid()
+    broker = C.broker_pid(a.url)
     if broker is None:
         C.log('note: broker pid not found; broker CPU will not be reported')
     tag = f'{os.getpid()}_{int(time.time())}'

@@ -115,6 +115,10 @@ enum Command {
         /// content_type.
         #[arg(long)]
         deadline: bool,
+        /// Send only these fields of that metadata (comma-separated: header, expiration,
+        /// message_id, type, content_type), to price them one by one.
+        #[arg(long, value_delimiter = ',')]
+        meta: Vec<String>,
         /// The `type` sent with --deadline (the bare server ignores it; amqp-rpcd runs it).
         #[arg(long, default_value = "fib")]
         method: String,
@@ -142,12 +146,24 @@ async fn main() -> Result<(), lapin::Error> {
             confirms,
             mandatory,
             deadline,
+            meta,
             method,
         } => {
+            let all = ["header", "expiration", "message_id", "type", "content_type"];
+            let meta: Vec<String> = if deadline && meta.is_empty() {
+                all.iter().map(|f| f.to_string()).collect()
+            } else {
+                meta
+            };
+            if let Some(bad) = meta.iter().find(|f| !all.contains(&f.as_str())) {
+                eprintln!("unknown --meta field {bad:?}; one of {all:?}");
+                std::process::exit(2);
+            }
             let features = Features {
                 confirms,
                 mandatory,
-                deadline: deadline.then(|| method.as_str().into()),
+                deadline: (!meta.is_empty()).then(|| method.as_str().into()),
+                meta,
                 id_prefix: uuid::Uuid::new_v4().simple().to_string(),
                 next_id: AtomicU64::new(0),
             };
@@ -296,6 +312,8 @@ struct Features {
     mandatory: bool,
     /// `Some(method)`: send the deadline metadata, with this `type`.
     deadline: Option<lapin::types::ShortString>,
+    /// Which fields of the metadata to send.
+    meta: Vec<String>,
     /// `message_id`s with --deadline: a random prefix and a counter, like amqp-rpc's.
     id_prefix: String,
     next_id: AtomicU64,
@@ -356,19 +374,30 @@ impl Caller {
             .with_correlation_id(id.as_str().into());
         if let Some(method) = &self.features.deadline {
             let timeout_ms = TIMEOUT.as_millis() as u64;
-            let mut headers = FieldTable::default();
-            headers.insert(
-                DEADLINE_HEADER.into(),
-                AMQPValue::LongLongInt((now_epoch_ms() + timeout_ms) as i64),
-            );
-            let n = self.features.next_id.fetch_add(1, Ordering::Relaxed);
-            let message_id = format!("{}-{n:x}", self.features.id_prefix);
-            props = props
-                .with_message_id(message_id.into())
-                .with_type(method.clone())
-                .with_content_type("text/plain".into())
-                .with_expiration(expiration_ms(TIMEOUT).into())
-                .with_headers(headers);
+            let has = |f: &str| self.features.meta.iter().any(|m| m == f);
+            if has("header") {
+                let mut headers = FieldTable::default();
+                // As amqp-rpc's client sends it: decimal digits in a long string.
+                headers.insert(
+                    DEADLINE_HEADER.into(),
+                    AMQPValue::LongString((now_epoch_ms() + timeout_ms).to_string().into()),
+                );
+                props = props.with_headers(headers);
+            }
+            if has("message_id") {
+                let n = self.features.next_id.fetch_add(1, Ordering::Relaxed);
+                let message_id = format!("{}-{n:x}", self.features.id_prefix);
+                props = props.with_message_id(message_id.into());
+            }
+            if has("type") {
+                props = props.with_type(method.clone());
+            }
+            if has("content_type") {
+                props = props.with_content_type("text/plain".into());
+            }
+            if has("expiration") {
+                props = props.with_expiration(expiration_ms(TIMEOUT).into());
+            }
         }
         let options = BasicPublishOptions {
             mandatory: self.features.mandatory,

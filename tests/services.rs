@@ -412,5 +412,7 @@ async fn json_requests_say_so_on_the_wire() {
         Some("text/plain")
     );
     assert_eq!(raw.data, b"raw");
+    // A call that is never resent needs no name for its copies.
+    assert_eq!(raw.properties.message_id(), &None);
     delete_queue(&queue).await;
 }

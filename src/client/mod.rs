@@ -427,7 +427,12 @@ impl Inner {
         let deadline_ms = now_epoch_ms()
             .saturating_add(timeout_ms)
             .min(i64::MAX as u64);
-        let message_id = self.ids.next();
+        // Only a call that may be sent again needs a name for its copies: without one, the
+        // server still answers a broker redelivery from its cache (its key then is
+        // reply_to + correlation_id + method + body), and the broker has a field less to decode
+        // and re-encode per message (RabbitMQ 4.x re-encodes every delivered message's
+        // properties; BENCHMARKS.md prices the request metadata there).
+        let message_id = options.idempotent.then(|| self.ids.next());
         let mut backoff = RETRY_INITIAL_BACKOFF;
         loop {
             let request = Request {
@@ -436,7 +441,7 @@ impl Inner {
                 content_type,
                 deadline,
                 deadline_ms,
-                message_id: &message_id,
+                message_id: message_id.as_deref(),
             };
             let attempt = self.attempt(target, request);
             let result = match tokio::time::timeout_at(deadline, attempt).await {
@@ -506,10 +511,13 @@ impl Inner {
         let (_guard, mut reply) = self.shared.register(id.clone());
         let mut headers = FieldTable::default();
         headers.insert(DEADLINE_HEADER.into(), deadline_header_value(deadline_ms));
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_reply_to(DIRECT_REPLY_TO.into())
-            .with_correlation_id(id.into())
-            .with_message_id(message_id.into())
+            .with_correlation_id(id.into());
+        if let Some(message_id) = message_id {
+            props = props.with_message_id(message_id.into());
+        }
+        let props = props
             .with_type(method.into())
             .with_content_type(content_type.into())
             .with_expiration(expiration_ms(deadline - Instant::now()).into())
@@ -588,7 +596,8 @@ struct Request<'a> {
     content_type: &'static str,
     deadline: Instant,
     deadline_ms: u64,
-    message_id: &'a str,
+    /// Idempotent calls only: every attempt carries the same one.
+    message_id: Option<&'a str>,
 }
 
 #[cfg(test)]

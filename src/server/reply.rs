@@ -14,7 +14,8 @@ use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
 use crate::protocol::{
-    now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta, REPLY_CONTENT_TYPE,
+    now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta, DIRECT_REPLY_TO,
+    REPLY_CONTENT_TYPE,
 };
 use crate::publish::Publish;
 use crate::server::metrics::Rejected;
@@ -208,7 +209,16 @@ fn reply_parts<'r>(
         Ok(body) => (body.as_slice(), None),
         Err(e) => (e.message.as_bytes(), Some(e.code)),
     };
-    let mut props = reply_properties(meta.correlation_id.as_deref(), code, remaining);
+    // A direct reply-to reply is never queued, so a TTL on it does nothing; leaving it out
+    // spares the broker a property to decode and re-encode (RabbitMQ 4.x re-encodes every
+    // delivered message's properties). A named reply queue keeps it: nobody waits past it.
+    let ttl = remaining.filter(|_| {
+        !meta
+            .reply_to
+            .as_deref()
+            .is_some_and(|to| to.starts_with(DIRECT_REPLY_TO))
+    });
+    let mut props = reply_properties(meta.correlation_id.as_deref(), code, ttl);
     if result.is_ok() {
         let content_type = ctx
             .methods
