@@ -18,7 +18,7 @@ heavy, then (b); the tables show medians over --runs rounds.
     python3 bench/scaling.py --calibrate 10 20000 50000 100000   # time one call per n
 
 --calibrate runs one daemon at 1 call in flight for each n and prints the p50 and the daemon's
-CPU per call, to pick a --heavy-arg whose call costs 1-3 ms. A heavy n above service.max_n
+CPU per call, to pick a --heavy-arg whose call costs 1-3 ms. A heavy n above fib.max_n
 (100000 in config.toml) raises max_n for these daemons.
 
 Builds nothing: run `cargo build --release --bins --examples` first. Python 3 stdlib only.
@@ -218,7 +218,7 @@ def calibrate(a, broker, tag):
     """One daemon, one call in flight, each n in turn: how long does one call take?"""
     queue = f'bench_scale_cal_{tag}'
     max_n = max(a.calibrate)
-    env = {'AMQP_RPC__SERVICE__MAX_N': str(max_n)} if max_n > MAX_N_SHIPPED else {}
+    env = {'AMQP_RPC__FIB__MAX_N': str(max_n)} if max_n > MAX_N_SHIPPED else {}
     group = []
     res = {}
     try:
@@ -293,7 +293,7 @@ def main():
         print(f'_Run took {(time.monotonic() - t_begin) / 60:.1f} min._')
         return 0
 
-    heavy_env = ({'AMQP_RPC__SERVICE__MAX_N': str(a.heavy_arg)}
+    heavy_env = ({'AMQP_RPC__FIB__MAX_N': str(a.heavy_arg)}
                  if a.heavy_arg > MAX_N_SHIPPED else {})
     groups = {}  # (part, k) -> (queue, [Daemon])
     res = {}

@@ -31,14 +31,19 @@
 //!   loop goes on to the next delivery without waiting for it (the plain server waits). This
 //!   is not a safety feature: it separates the cost of confirms from the gain of not waiting.
 
+// The load generator of `amqp-rpc bench`, from its source: both clients are measured alike.
+#[allow(dead_code)] // bare_echo drives its own calls through `bench::run_calls`
+#[path = "../src/bin/amqp-rpc/bench.rs"]
+mod bench;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amqp_rpc::bench::{self, Amount, BenchSpec};
 use amqp_rpc::protocol::{expiration_ms, now_epoch_ms, DEADLINE_HEADER};
 use amqp_rpc::CallOptions;
+use bench::{Amount, BenchSpec};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use lapin::options::{

@@ -8,9 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use amqp_rpc::bench::{self, Amount, BenchReport, BenchSpec};
 use amqp_rpc::config::AmqpConfig;
 use amqp_rpc::{CallOptions, Client};
+use common::bench::{self, Amount, BenchReport, BenchSpec};
 use common::broker::PrivateBroker;
 use common::*;
 

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use amqp_rpc::client::NO_SERVER_RETRY_WINDOW;
-use amqp_rpc::service::fib::fib_decimal;
 use amqp_rpc::CallError;
+use common::fib::fib_decimal;
 use common::*;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicPublishOptions};
@@ -25,8 +25,11 @@ async fn success_path_exact_results() {
             .expect("fib ok");
         assert_eq!(String::from_utf8(got).unwrap(), fib_decimal(n), "fib({n})");
     }
-    assert_eq!(client.fib(30).await.unwrap().to_string(), "832040");
-    assert_eq!(client.fib(100_000).await.unwrap().to_string().len(), 20899);
+    assert_eq!(fib(&client, 30).await.unwrap().to_string(), "832040");
+    assert_eq!(
+        fib(&client, 100_000).await.unwrap().to_string().len(),
+        20899
+    );
     daemon.expect_requests("fib", "ok", 14).await;
     assert_eq!(client.pending_calls(), 0);
     daemon.stop().await.expect("clean stop");
@@ -105,7 +108,7 @@ async fn no_server_when_queue_vanishes_after_a_good_probe() {
     let queue = unique_queue("vanish");
     let daemon = TestDaemon::start(test_config(&queue)).await;
     let client = client(&queue, Duration::from_secs(10)).await;
-    assert_eq!(client.fib(10).await.unwrap().to_string(), "55");
+    assert_eq!(fib(&client, 10).await.unwrap().to_string(), "55");
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
     let t0 = Instant::now();
@@ -122,12 +125,12 @@ async fn idempotent_call_waits_for_a_server_seen_lately_to_come_back() {
     let queue = unique_queue("comeback");
     let daemon = TestDaemon::start(test_config(&queue)).await;
     let client = client(&queue, Duration::from_secs(10)).await;
-    assert_eq!(client.fib(10).await.unwrap().to_string(), "55");
+    assert_eq!(fib(&client, 10).await.unwrap().to_string(), "55");
     daemon.stop().await.unwrap();
     let t0 = Instant::now();
     let call = tokio::spawn({
         let client = client.clone();
-        async move { client.fib(20).await }
+        async move { fib(&client, 20).await }
     });
     // The window is what is under test, so here time itself is the event.
     tokio::time::sleep(NO_SERVER_RETRY_WINDOW * 2).await;

@@ -200,13 +200,13 @@ async fn check_config_lists_every_problem_without_the_password() {
         )
         .env("AMQP_RPC__SERVICE__PREFETCH", "0")
         .env("AMQP_RPC__LOG__FORMAT", "xml")
-        .env("AMQP_RPC__SERVICE__MAX_N", "many")
+        .env("AMQP_RPC__FIB__MAX_N", "many")
         .output()
         .await
         .unwrap();
     let stderr = text(&bad.stderr);
     assert_eq!(bad.status.code(), Some(64), "{stderr}");
-    for key in ["log.format", "service.max_n"] {
+    for key in ["log.format", "fib:"] {
         assert!(stderr.contains(key), "{key} not reported: {stderr}");
     }
     assert!(!stderr.contains("s3cr3t-pw"), "{stderr}");

@@ -24,7 +24,10 @@ use common::*;
 /// them up with the figures printed here).
 fn logs_if_asked() {
     if std::env::var_os("RUST_LOG").is_some() {
-        let _ = amqp_rpc::telemetry::init(&Default::default(), Vec::new());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
     }
 }
 

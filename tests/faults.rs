@@ -36,7 +36,7 @@ async fn daemon_boots_before_the_broker_and_connects_when_it_appears() {
     )
     .await;
     let client = client(&queue, Duration::from_secs(5)).await;
-    assert_eq!(client.fib(12).await.unwrap().to_string(), "144");
+    assert_eq!(fib(&client, 12).await.unwrap().to_string(), "144");
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }
@@ -59,7 +59,7 @@ async fn daemon_reconnects_after_a_network_cut() {
     let (daemon, mut ready) = TestDaemon::spawn(config, None).await;
     readiness_becomes(&mut ready, true, Duration::from_secs(20), "daemon ready").await;
     let client = client(&queue, Duration::from_secs(10)).await;
-    assert_eq!(client.fib(10).await.unwrap().to_string(), "55");
+    assert_eq!(fib(&client, 10).await.unwrap().to_string(), "55");
 
     proxy.cut_all();
     readiness_becomes(
@@ -77,7 +77,7 @@ async fn daemon_reconnects_after_a_network_cut() {
     )
     .await;
     assert_eq!(daemon.metrics.reconnects.get(), 1);
-    assert_eq!(client.fib(11).await.unwrap().to_string(), "89");
+    assert_eq!(fib(&client, 11).await.unwrap().to_string(), "89");
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }
@@ -117,7 +117,7 @@ async fn daemon_detects_a_blackholed_broker_by_heartbeat_and_recovers() {
     )
     .await;
     let client = client(&queue, Duration::from_secs(10)).await;
-    assert_eq!(client.fib(13).await.unwrap().to_string(), "233");
+    assert_eq!(fib(&client, 13).await.unwrap().to_string(), "233");
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }
@@ -156,7 +156,7 @@ async fn client_fails_in_flight_calls_on_a_cut_then_recovers() {
     open_gate(&gate);
 
     // A call made now waits for the reconnection (within its deadline) and succeeds.
-    assert_eq!(client.fib(14).await.unwrap().to_string(), "377");
+    assert_eq!(fib(&client, 14).await.unwrap().to_string(), "377");
     assert_eq!(client.reconnects(), 1);
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
@@ -182,7 +182,7 @@ async fn dropping_a_call_removes_its_pending_entry() {
         || client.late_replies() == 1,
     )
     .await;
-    assert_eq!(client.fib(15).await.unwrap().to_string(), "610");
+    assert_eq!(fib(&client, 15).await.unwrap().to_string(), "610");
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }

@@ -175,7 +175,7 @@ async fn the_deadline_cancels_a_handler_and_panics_become_internal() {
             // At the deadline the handler's future is dropped; work it handed to a task of
             // its own learns through the request's cancellation.
             let seen = seen.clone();
-            let cancelled = req.cancelled().clone();
+            let cancelled = req.cancellation();
             tokio::spawn(async move {
                 cancelled.cancelled().await;
                 seen.store(true, Ordering::SeqCst);
@@ -230,7 +230,7 @@ async fn the_deadline_cancels_a_handler_and_panics_become_internal() {
         }
     }
     assert_eq!(
-        client.fib(10).await.unwrap().to_string(),
+        fib(&client, 10).await.unwrap().to_string(),
         "55",
         "still serving"
     );

@@ -233,7 +233,7 @@ async fn handler_failures_become_error_replies_and_serving_continues() {
         "{err:?}"
     );
     assert!(err.is_timeout() && err.is_retryable());
-    assert_eq!(client.fib(20).await.unwrap().to_string(), "6765");
+    assert_eq!(fib(&client, 20).await.unwrap().to_string(), "6765");
     daemon.expect_requests("panic", "internal", 3).await;
     daemon
         .expect_requests("sleep", "deadline_exceeded", 1)
@@ -275,7 +275,7 @@ async fn abandoned_request_expires_in_the_queue_and_is_never_computed() {
     .await;
     open_gate(&gate);
     assert_eq!(blocked.await.unwrap().unwrap(), b"unblocked");
-    assert_eq!(client.fib(10).await.unwrap().to_string(), "55");
+    assert_eq!(fib(&client, 10).await.unwrap().to_string(), "55");
     daemon.expect_requests("fib", "ok", 1).await;
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;

@@ -87,7 +87,7 @@ async fn amqp_rpc_calls_the_tutorial_server() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6765");
 
     let client = client(&queue, Duration::from_secs(10)).await;
-    assert_eq!(client.fib(25).await.unwrap().to_string(), "75025");
+    assert_eq!(fib(&client, 25).await.unwrap().to_string(), "75025");
     server.child.kill().await.unwrap();
     delete_queue(&queue).await;
 }

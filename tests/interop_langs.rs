@@ -122,7 +122,7 @@ async fn amqp_rpc_calls_their_server(lang: Lang) {
 
     let client = client(&queue, Duration::from_secs(3)).await;
     for (n, want) in FIBS {
-        let got = client.fib(n.parse().unwrap()).await;
+        let got = fib(&client, n.parse().unwrap()).await;
         assert!(
             matches!(&got, Ok(v) if v.to_string() == *want),
             "Client::fib({n}) against the {} tutorial server: {got:?}\nserver log:\n{}",

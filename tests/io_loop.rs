@@ -12,8 +12,8 @@ mod common;
 use std::time::Duration;
 
 use amqp_rpc::config::AmqpConfig;
-use amqp_rpc::service::fib::fib_decimal;
 use amqp_rpc::Client;
+use common::fib::fib_decimal;
 use common::*;
 
 /// lapin names its I/O thread so (std::thread::Builder::name; /proc shows up to 15 bytes).

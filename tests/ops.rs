@@ -187,7 +187,7 @@ async fn readiness_follows_the_broker_health_stays_up_logs_are_json_without_the_
         .connect()
         .await
         .unwrap();
-    assert_eq!(client.fib(30).await.unwrap().to_string(), "832040");
+    assert_eq!(fib(&client, 30).await.unwrap().to_string(), "832040");
     assert!(client.call("fib", b"-1").await.is_err());
 
     broker.stop_app().await;

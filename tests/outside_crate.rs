@@ -43,6 +43,8 @@ tokio = { version = "1", features = ["full", "test-util"] }
 tokio-util = "0.7"
 prometheus = "0.14"
 proptest = "1"
+serde = { version = "1", features = ["derive"] }
+tracing-subscriber = { version = "0.3", features = ["env-filter"] }
 
 [workspace]
 "#;
@@ -137,7 +139,11 @@ async fn a_dependent_crate_builds_against_crates_io_lapin_and_falls_back_to_its_
             .unwrap_or_else(|| panic!("no {key}= line:\n{out}"))
             .to_owned()
     };
-    assert_eq!(value("fib(30)"), "832040", "{out}");
+    // Its own async, typed method: an answer, an application error code with its message,
+    // and a deadline the method cannot meet.
+    assert_eq!(value("add"), "6", "{out}");
+    assert_eq!(value("add_error"), "failed_precondition: 7 is odd", "{out}");
+    assert_eq!(value("slow"), "timeout", "{out}");
     assert_eq!(
         value("io_loop_on_runtime_available"),
         "false",

@@ -65,7 +65,7 @@ async fn a_worker_and_a_caller_without_configure_permission_still_serve_and_call
     };
     let client = caller(&queue).await.unwrap();
     for _ in 0..3 {
-        assert_eq!(client.fib(30).await.unwrap().to_string(), "832040");
+        assert_eq!(fib(&client, 30).await.unwrap().to_string(), "832040");
     }
     daemon.expect_requests("fib", "ok", 3).await;
 

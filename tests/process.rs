@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use amqp_rpc::bench::{self, Amount, BenchReport, BenchSpec};
+use common::bench::{self, Amount, BenchReport, BenchSpec};
 use common::child::*;
 use common::*;
 use tokio::process::Child;
@@ -96,7 +96,7 @@ async fn sigkill_of_one_of_two_daemons_under_load_loses_nothing() {
 async fn a_second_signal_exits_at_once_with_a_non_zero_code() {
     let queue = unique_queue("twice");
     let port = free_port();
-    let mut daemon = spawn_daemon(&queue, port, &[("AMQP_RPC__SERVICE__MAX_N", "10000000")]).await;
+    let mut daemon = spawn_daemon(&queue, port, &[("AMQP_RPC__FIB__MAX_N", "10000000")]).await;
     wait_ready(port).await;
     // fib(3,000,000) keeps a handler busy for seconds: the drain would wait for it.
     let client = client(&queue, Duration::from_secs(60)).await;
@@ -184,8 +184,8 @@ async fn a_closed_stderr_does_not_stop_serving_or_shutting_down() {
     for n in [10u64, 20, 30] {
         // Each request logs at debug level into the closed pipe.
         assert_eq!(
-            client.fib(n).await.unwrap(),
-            amqp_rpc::service::fib::fib_decimal(n).parse().unwrap()
+            fib(&client, n).await.unwrap(),
+            common::fib::fib_decimal(n).parse().unwrap()
         );
     }
     assert!(client.call("fib", b"x").await.unwrap_err().is_remote());

@@ -42,7 +42,7 @@ async fn declare(
 
 async fn serves_fib(queue: &str) {
     let client = client(queue, Duration::from_secs(10)).await;
-    assert_eq!(client.fib(30).await.unwrap().to_string(), "832040");
+    assert_eq!(fib(&client, 30).await.unwrap().to_string(), "832040");
 }
 
 #[tokio::test]

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqp_rpc::protocol::RequestError;
-use amqp_rpc::service::fib::fib_decimal;
 use amqp_rpc::service::{Method, Methods, Work};
 use amqp_rpc::{CallError, CallOptions, Client, ErrorCode};
+use common::fib::fib_decimal;
 use common::proxy::broker_addr;
 use common::*;
 use futures_util::StreamExt;
@@ -275,7 +275,7 @@ async fn whether_a_queue_is_served_is_known_per_queue() {
     let (gone, ok) = tokio::join!(missing_svc.call("tag", b"4"), client.call("tag", b"5"));
     assert!(gone.unwrap_err().is_no_server());
     assert_eq!(ok.unwrap(), b"s:5");
-    assert_eq!(client.fib(20).await.unwrap().to_string(), "6765");
+    assert_eq!(fib(&client, 20).await.unwrap().to_string(), "6765");
     assert_eq!(client.pending_calls(), 0);
     daemon.stop().await.unwrap();
     delete_queue(&served).await;

@@ -194,7 +194,7 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
         .connect()
         .await
         .expect("the client connects over TLS");
-    assert_eq!(client.fib(50).await.unwrap().to_string(), "12586269025");
+    assert_eq!(fib(&client, 50).await.unwrap().to_string(), "12586269025");
     daemon.stop().await.unwrap();
 
     // Without the CA the broker's certificate cannot be verified; without a client certificate

@@ -18,20 +18,22 @@ use crate::amqp::{jittered, Connector};
 use crate::config::Config;
 use crate::error::Error;
 use crate::http::{self, HttpState};
-use crate::liveness::Liveness;
 use crate::service::Methods;
-use crate::systemd;
 use idempotency::Idempotency;
 
+mod ctx;
+mod decide;
 mod idempotency;
 mod ledger;
 pub mod metrics;
 mod reply;
 mod reply_link;
-pub mod request;
+mod request;
+mod run;
 mod session;
 mod settle;
 
+pub use crate::liveness::Liveness;
 pub use metrics::Metrics;
 
 /// Pause before reconnecting after a lost session, so a broker that accepts connections and
@@ -59,22 +61,36 @@ impl Daemon {
             "" => None,
             addr => Some(http::bind(addr).await?),
         };
-        let methods = Methods::standard(config.service.max_n);
         Ok(Daemon {
             config,
             registry,
             metrics,
-            methods,
+            methods: Methods::default(),
             ready: watch::Sender::new(false),
             liveness: Liveness::default(),
             http,
         })
     }
 
-    /// Serve this set of methods instead of the standard one.
-    pub fn with_methods(mut self, methods: Methods) -> Self {
-        self.methods = methods;
-        self
+    /// The methods to serve. A daemon serves none until given some: every request then gets
+    /// `unknown_method`. `service.default_method`, when set, overrides the set's own default
+    /// (see [`Methods::default_method`]) and must name one of them.
+    pub fn with_methods(mut self, methods: Methods) -> Result<Self, Error> {
+        let default = &self.config.service.default_method;
+        self.methods = match default.as_str() {
+            "" => methods,
+            name if methods.get(name).is_some() => methods.default_method(name),
+            name => {
+                return Err(Error::Config(crate::config::ConfigError {
+                    problems: vec![format!(
+                        "service.default_method: {name:?} is not a method this daemon serves \
+                         (it serves {:?})",
+                        methods.names()
+                    )],
+                }))
+            }
+        };
+        Ok(self)
     }
 
     /// Where `/metrics`, `/healthz` and `/readyz` are served, when enabled.
@@ -85,6 +101,12 @@ impl Daemon {
     /// Follows readiness: true while connected, consuming and not draining.
     pub fn readiness(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
+    }
+
+    /// Whether the consume loop is alive (not wedged): what `/healthz` answers, for a
+    /// process supervisor's watchdog (`amqp-rpcd` pings systemd's with it).
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.clone()
     }
 
     /// The metric handles (tests read counters directly).
@@ -104,20 +126,7 @@ impl Daemon {
             };
             http::serve(listener, state, http_stop.clone())
         });
-        systemd::spawn_watchdog(self.liveness.clone(), http_stop.clone());
-        let announce_stop = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                shutdown.cancelled().await;
-                systemd::stopping();
-            }
-        });
         let result = self.serve(&shutdown).await;
-        if shutdown.is_cancelled() {
-            let _ = announce_stop.await;
-        } else {
-            announce_stop.abort();
-        }
         self.ready.send_replace(false);
         http_stop.cancel();
         if let Some(task) = http_task {
@@ -182,11 +191,34 @@ impl Daemon {
     }
 }
 
-/// Start and run a daemon with the standard methods: the whole daemon in one call.
+/// Start and run a daemon serving `methods`: the whole daemon in one call. `registry` receives
+/// the daemon's metrics and is served on `/metrics`; `shutdown` starts the drain.
+///
+/// ```no_run
+/// use amqp_rpc::service::{handler, Methods, Request};
+/// use amqp_rpc::protocol::RequestError;
+///
+/// async fn ping(_req: Request) -> Result<Vec<u8>, RequestError> {
+///     Ok(b"pong".to_vec())
+/// }
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = amqp_rpc::config::load(None)?;
+/// let methods = Methods::default().with(handler("ping", ping));
+/// let shutdown = tokio_util::sync::CancellationToken::new();
+/// amqp_rpc::run(config, methods, prometheus::Registry::new(), shutdown).await?;
+/// # Ok(())
+/// # }
+/// ```
 pub async fn run(
     config: Config,
+    methods: Methods,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    Daemon::start(config, registry).await?.run(shutdown).await
+    Daemon::start(config, registry)
+        .await?
+        .with_methods(methods)?
+        .run(shutdown)
+        .await
 }

@@ -1,7 +1,8 @@
-//! The answering side of a delivery: starting the reply and handing it to the settler, which
-//! acks once the broker confirmed it (with `confirm_replies`) or lapin wrote it (without);
-//! wary replies, published and acked here one at a time; giving work back during a drain;
-//! giving up on poison requests.
+//! The sending side of a delivery, carrying out what `decide.rs` decided: starting the reply
+//! and handing it to the settler, which acks once the broker confirmed it (with
+//! `confirm_replies`) or lapin wrote it (without); wary replies, published and acked here one
+//! at a time; giving work back during a drain; giving up on poison requests (the dead-letter
+//! copy).
 //!
 //! The order is the contract's at-least-once rule: a request is acked only after its reply was
 //! handed to the broker; when that fails the request stays unacked and is redelivered.
@@ -14,18 +15,15 @@ use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
 use crate::protocol::{
-    now_epoch_ms, reply_properties, ErrorCode, RequestError, RequestMeta, DIRECT_REPLY_TO,
-    REPLY_CONTENT_TYPE,
+    now_epoch_ms, reply_properties, ErrorCode, RequestMeta, DIRECT_REPLY_TO, REPLY_CONTENT_TYPE,
 };
 use crate::publish::Publish;
+use crate::server::ctx::RequestCtx;
+use crate::server::decide::{
+    delivered_before, drained, given_up, method_label, too_late_to_reply, Drained, Reply,
+};
 use crate::server::metrics::Rejected;
-use crate::server::request::{delivered_before, method_label, RequestCtx};
 use crate::server::settle::Settling;
-
-/// During a drain, a request not yet started is requeued for another worker only when it has at
-/// least this long left; with less, it would most likely expire in the queue, so it is answered
-/// `unavailable` at once and the caller can retry elsewhere now.
-pub const REQUEUE_MIN_REMAINING: Duration = Duration::from_secs(1);
 
 /// Publish `result` to the caller and ack, or leave the request for redelivery when the reply
 /// cannot be handed over.
@@ -34,7 +32,7 @@ pub(super) async fn answer(
     meta: &RequestMeta,
     delivery: &Delivery,
     label: &str,
-    result: &Result<Vec<u8>, RequestError>,
+    result: &Reply,
 ) {
     let Some(reply_to) = meta.reply_to.as_deref() else {
         return; // checked by the caller; nothing to answer
@@ -44,8 +42,7 @@ pub(super) async fn answer(
         Err(e) => e.code.as_str(),
     };
     let remaining = meta.remaining(now_epoch_ms());
-    if remaining == Some(Duration::ZERO) {
-        // Finished, but the caller has given up: a reply could only arrive late.
+    if too_late_to_reply(remaining) {
         tracing::debug!(outcome, "finished after the deadline, not replying");
         ctx.metrics.request(label, "deadline_exceeded").inc();
         ack(ctx, delivery);
@@ -165,13 +162,7 @@ pub(super) async fn give_up(
             tracing::warn!(error = %e, "could not copy the poison request to the dead-letter queue");
         }
     }
-    let error = Err(RequestError::new(
-        ErrorCode::Internal,
-        format!(
-            "request given up after {attempt} delivery attempts (max_deliveries = {})",
-            ctx.max_deliveries
-        ),
-    ));
+    let error = given_up(attempt, ctx.max_deliveries);
     answer(ctx, meta, delivery, label, &error).await;
 }
 
@@ -192,7 +183,7 @@ enum PublishFailure {
 /// node), or this session follows a lost connection and the queue may still hold requests
 /// from a failed node's clients.
 fn wary(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) -> bool {
-    delivered_before(meta, delivery)
+    delivered_before(meta, delivery.redelivered)
         || ctx
             .wary_until
             .is_some_and(|until| tokio::time::Instant::now() < until)
@@ -202,7 +193,7 @@ fn wary(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) -> bool {
 fn reply_parts<'r>(
     ctx: &RequestCtx,
     meta: &RequestMeta,
-    result: &'r Result<Vec<u8>, RequestError>,
+    result: &'r Reply,
     remaining: Option<Duration>,
 ) -> (&'r [u8], BasicProperties) {
     let (body, code) = match result {
@@ -236,7 +227,7 @@ async fn publish_wary(
     ctx: &RequestCtx,
     reply_to: &str,
     meta: &RequestMeta,
-    result: &Result<Vec<u8>, RequestError>,
+    result: &Reply,
     remaining: Option<Duration>,
 ) -> Result<(), PublishFailure> {
     let (body, props) = reply_parts(ctx, meta, result, remaining);
@@ -280,12 +271,7 @@ async fn send(
 /// another worker, or answer `unavailable` when too little time is left for that to help.
 pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) {
     let remaining = meta.remaining(now_epoch_ms());
-    let worth_requeueing = remaining.is_none_or(|left| left >= REQUEUE_MIN_REMAINING);
-    if let (false, Some(reply_to)) = (worth_requeueing, meta.reply_to.as_deref()) {
-        let error = Err(RequestError::new(
-            ErrorCode::Unavailable,
-            "this server is shutting down; retry",
-        ));
+    if let Drained::Refuse { reply_to, error } = drained(meta, remaining) {
         // Waited for here, not settled later: the drain closes the connection soon after.
         let published = match wary(ctx, meta, delivery) {
             true => publish_wary(ctx, reply_to, meta, &error, remaining)

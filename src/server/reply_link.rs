@@ -14,13 +14,16 @@
 //! throughput and latency in the benchmarks.
 
 use std::sync::RwLock;
+use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 use tokio::sync::Mutex;
 
 use crate::amqp::Connector;
-use crate::server::session::close;
+
+/// Bound on closing a connection that may already be dead.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The reply channel, shared by a session's requests.
 pub struct ReplyLink {
@@ -119,4 +122,11 @@ impl ReplyLink {
             close(&conn).await;
         }
     }
+}
+
+/// Close a connection that may already be dead, within [`CLOSE_TIMEOUT`]. Here rather than in
+/// `session.rs`, which closes its own connection with it too: the session depends on this link,
+/// never the other way round.
+pub(super) async fn close(conn: &Connection) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "amqp-rpcd closing".into())).await;
 }

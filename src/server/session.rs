@@ -19,24 +19,20 @@ use crate::amqp::{Connector, DeclareError};
 use crate::config::Config;
 use crate::error::Error;
 use crate::liveness::{Liveness, BEAT_EVERY};
-use crate::protocol::RequestMeta;
 use crate::queue::{declare_dead_letter_queue, ensure_service_queue, meaning};
+use crate::server::ctx::RequestCtx;
 use crate::server::idempotency::Idempotency;
 use crate::server::ledger::Ledger;
 use crate::server::metrics::Metrics;
 use crate::server::reply;
-use crate::server::reply_link::ReplyLink;
-use crate::server::request::{self, RequestCtx};
+use crate::server::reply_link::{close, ReplyLink};
+use crate::server::request;
 use crate::server::settle::Settler;
 use crate::service::Methods;
-use crate::systemd;
 
 /// How long after a lost connection every reply goes through the wary link: about as long
 /// as requests from a failed node's clients stay in the queue (their callers' timeouts).
 const WARY_AFTER_LOSS: Duration = Duration::from_secs(10);
-
-/// Bound on closing a connection that may already be dead.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a session borrows from the daemon.
 pub(super) struct Parts<'a> {
@@ -154,7 +150,6 @@ pub(super) async fn serve(
     parts.ready.send_replace(true);
     parts.metrics.connection_up.set(1);
     parts.liveness.set_consuming(true);
-    systemd::ready();
     tracing::info!(queue = %service.queue, "consuming");
 
     let tracker = TaskTracker::new();
@@ -202,7 +197,7 @@ pub(super) async fn serve(
         let mut returned = 0u32;
         while let Some(Ok(delivery)) = consumer.next().await {
             ctx.ledger.delivered(delivery.delivery_tag);
-            let meta = RequestMeta::from_properties(&delivery.properties);
+            let meta = ctx.meta(&delivery.properties);
             reply::give_back(&ctx, &meta, &delivery).await;
             returned += 1;
         }
@@ -234,9 +229,4 @@ pub(super) async fn serve(
     } else {
         Err(Error::DrainTimeout(unfinished))
     })
-}
-
-/// Close a connection that may already be dead, within [`CLOSE_TIMEOUT`].
-pub(super) async fn close(conn: &Connection) {
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "amqp-rpcd closing".into())).await;
 }

@@ -101,9 +101,20 @@ impl Request {
 
     /// Fires when the caller's deadline is about to pass (the daemon then answers
     /// `deadline_exceeded` itself) or when a drain gives up on the request: work still going
-    /// then is wasted, so stop it. `cancelled().cancelled().await` in a `select!`.
-    pub fn cancelled(&self) -> &CancellationToken {
-        &self.cancel
+    /// then is wasted, so stop it: `_ = req.cancelled() => ...` in a `select!`. Whatever
+    /// the handler returns after a drain gave up on it is not sent.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Whether [`cancelled`](Self::cancelled) has fired (for a loop of CPU work to look at).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// The cancellation as a token, for tasks the handler spawns (it fires with the request's).
+    pub fn cancellation(&self) -> CancellationToken {
+        self.cancel.clone()
     }
 
     /// `message_id`: the call's own name, the same on every copy of it.

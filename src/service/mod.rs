@@ -16,7 +16,6 @@ use tokio::sync::Semaphore;
 use crate::protocol::RequestError;
 
 mod context;
-pub mod fib;
 mod handler;
 
 pub use context::Request;
@@ -69,40 +68,97 @@ pub trait Method: Send + Sync + 'static {
     }
 }
 
-/// The methods a daemon serves, by name.
+/// The methods a daemon serves, by name, and the one a request without a `type` gets.
 #[derive(Clone, Default)]
 pub struct Methods {
     by_name: HashMap<String, Arc<dyn Method>>,
+    default: Option<Arc<dyn Method>>,
 }
 
 impl fmt::Debug for Methods {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.by_name.keys()).finish()
+        f.debug_struct("Methods")
+            .field("names", &self.names())
+            .field("default", &self.default.as_ref().map(|m| m.name()))
+            .finish()
     }
 }
 
 impl Methods {
-    /// The standard set: the demo `fib` method bounded by `max_n`.
-    pub fn standard(max_n: u64) -> Self {
-        Methods::default().with(fib::Fib::new(max_n))
-    }
-
     /// Add (or replace) a method.
     pub fn with(mut self, method: impl Method) -> Self {
-        self.by_name
-            .insert(method.name().to_owned(), Arc::new(method));
+        let method: Arc<dyn Method> = Arc::new(method);
+        if self
+            .default
+            .as_ref()
+            .is_some_and(|d| d.name() == method.name())
+        {
+            self.default = Some(method.clone());
+        }
+        self.by_name.insert(method.name().to_owned(), method);
         self
     }
 
-    /// Look a method up by the request's `type`.
-    pub fn get(&self, name: &str) -> Option<&Arc<dyn Method>> {
-        self.by_name.get(name)
+    /// Answer requests that name no method (no or an empty `type`, as the RabbitMQ
+    /// tutorial's clients send) with `name`, which must have been added. Without a default
+    /// such requests get `unknown_method`. `service.default_method` overrides this.
+    ///
+    /// # Panics
+    /// When no method `name` was added: a programming error, found at start-up.
+    pub fn default_method(mut self, name: &str) -> Self {
+        let method = self
+            .by_name
+            .get(name)
+            .unwrap_or_else(|| panic!("default_method({name:?}): no such method was added"));
+        self.default = Some(method.clone());
+        self
     }
 
-    /// Registered names, for logs.
+    /// Look a method up by the request's `type`; the empty name is the default method.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Method>> {
+        match name {
+            "" => self.default.as_ref(),
+            name => self.by_name.get(name),
+        }
+    }
+
+    /// The default method's name, if there is one.
+    pub fn default_name(&self) -> Option<&str> {
+        self.default.as_ref().map(|m| m.name())
+    }
+
+    /// Registered names, sorted, for logs.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
         names.sort_unstable();
         names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ping(_req: Request) -> BoxReply {
+        Box::pin(async { Ok(b"pong".to_vec()) })
+    }
+
+    #[test]
+    fn the_empty_name_is_the_default_method_when_there_is_one() {
+        let methods = Methods::default().with(handler("ping", ping));
+        assert!(methods.get("").is_none(), "no default unless asked for");
+        let methods = methods.default_method("ping");
+        assert_eq!(methods.get("").map(|m| m.name()), Some("ping"));
+        assert_eq!(methods.default_name(), Some("ping"));
+        assert!(methods.get("pong").is_none());
+        // Replacing the default method's implementation keeps it the default.
+        let methods = methods.with(handler("ping", ping).limit(1));
+        assert!(methods.get("").unwrap().limit().is_some());
+    }
+
+    #[test]
+    #[should_panic(expected = "no such method")]
+    fn a_default_method_must_exist() {
+        let _ = Methods::default().default_method("fib");
     }
 }

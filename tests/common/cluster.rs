@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use amqp_rpc::bench::{self, Amount, BenchReport, BenchSpec};
+use super::bench::{self, Amount, BenchReport, BenchSpec};
 use amqp_rpc::config::AmqpConfig;
 use amqp_rpc::{CallOptions, Client};
 use serde_json::Value;

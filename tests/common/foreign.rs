@@ -383,7 +383,7 @@ async fn calls_are_shared(daemon: TestDaemon, mut server: TheirServer, queue: &s
     let client = client(queue, Duration::from_secs(5)).await;
     for i in 0..SHARED_CALLS {
         let n = i * 7 % 26;
-        let got = client.fib(n).await;
+        let got = fib(&client, n).await;
         assert!(
             matches!(&got, Ok(v) if v.to_string() == fib_u128(n).to_string()),
             "Client::fib({n}) with amqp-rpcd and the {lang} tutorial server on one queue: \
@@ -460,7 +460,7 @@ pub async fn their_server_dies_after_amqp_rpcd_on_classic(lang: Lang) {
         server.log_text()
     );
     let client = client(&queue, Duration::from_secs(5)).await;
-    assert_eq!(client.fib(30).await.unwrap().to_string(), "832040");
+    assert_eq!(fib(&client, 30).await.unwrap().to_string(), "832040");
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }

@@ -7,6 +7,13 @@ pub mod child;
 pub mod cluster;
 pub mod proxy;
 
+// What the binaries own, compiled from their own sources: the demo `fib` method (amqp-rpcd's)
+// and the load generator (amqp-rpc's). Both use only the library's public API.
+#[path = "../../src/bin/amqp-rpc/bench.rs"]
+pub mod bench;
+#[path = "../../src/bin/amqp-rpcd/fib.rs"]
+pub mod fib;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -104,7 +111,8 @@ impl TestDaemon {
         Self::start_with(config, None).await
     }
 
-    /// Start with extra methods (the standard `fib` is always included).
+    /// Start with extra methods; the demo `fib` (`max_n` 100000) is always included, and is
+    /// the default method unless `methods` names one, as in `amqp-rpcd`.
     pub async fn start_with(config: Config, methods: Option<Methods>) -> Self {
         let (daemon, mut ready) = Self::spawn(config, methods).await;
         readiness_becomes(&mut ready, true, Duration::from_secs(20), "daemon ready").await;
@@ -114,13 +122,17 @@ impl TestDaemon {
     /// Start without waiting for readiness; the receiver follows it.
     pub async fn spawn(config: Config, methods: Option<Methods>) -> (Self, watch::Receiver<bool>) {
         let queue = config.service.queue.clone();
-        let max_n = config.service.max_n;
-        let mut daemon = Daemon::start(config, prometheus::Registry::new())
-            .await
-            .expect("daemon starts");
-        if let Some(methods) = methods {
-            daemon = daemon.with_methods(methods.with(amqp_rpc::service::fib::Fib::new(max_n)));
+        let mut methods = methods
+            .unwrap_or_default()
+            .with(fib::Fib::new(fib::DEFAULT_MAX_N));
+        if methods.default_name().is_none() {
+            methods = methods.default_method("fib");
         }
+        let daemon = Daemon::start(config, prometheus::Registry::new())
+            .await
+            .expect("daemon starts")
+            .with_methods(methods)
+            .expect("methods fit the config");
         let metrics = daemon.metrics().clone();
         let http = daemon.http_addr().expect("http enabled");
         let ready = daemon.readiness();
@@ -176,7 +188,21 @@ impl TestDaemon {
     }
 }
 
-/// A client of `queue` on the test broker.
+/// `fib(n)` through `client`, as a number: what `Client::fib` was before the demo left the
+/// library (an idempotent call, retried within the deadline).
+pub async fn fib(client: &Client, n: u64) -> Result<num_bigint::BigUint, amqp_rpc::CallError> {
+    let body = client
+        .call_idempotent("fib", n.to_string().as_bytes())
+        .await?;
+    std::str::from_utf8(&body)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| amqp_rpc::CallError::Remote {
+            code: ErrorCode::Internal,
+            message: format!("not a number: {:?}", String::from_utf8_lossy(&body)),
+        })
+}
+
 /// `n` calls of `fib` in flight at once on `client` (arguments cycling below 90, so all are
 /// answered inline); how many succeeded.
 pub async fn fib_burst(client: &Client, n: u64) -> usize {
@@ -188,6 +214,7 @@ pub async fn fib_burst(client: &Client, n: u64) -> usize {
     results.iter().filter(|r| r.is_ok()).count()
 }
 
+/// A client of `queue` on the test broker.
 pub async fn client(queue: &str, timeout: Duration) -> Client {
     Client::builder(amqp_url())
         .queue(queue)

@@ -2,19 +2,22 @@
 //! code; `bench` drives closed-loop load. Both are thin layers over [`amqp_rpc::Client`].
 //! Arguments and replies of the methods it knows are checked ([`known`]).
 
+mod bench;
 mod known;
+#[path = "../common/telemetry.rs"]
+mod telemetry;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use amqp_rpc::bench::{self, Amount, BenchSpec};
 use amqp_rpc::config::{self, AmqpConfig, LogConfig};
-use amqp_rpc::{telemetry, CallError, CallOptions, Client};
+use amqp_rpc::{CallError, CallOptions, Client};
+use bench::{Amount, BenchSpec};
 use clap::{Args, Parser, Subcommand};
 
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Exit codes of `amqp-rpc call` (DESIGN.md section 4).
+/// Exit codes of `amqp-rpc call` (the README lists them).
 mod exit {
     pub const NO_SERVER: u8 = 3;
     pub const TIMEOUT: u8 = 4;

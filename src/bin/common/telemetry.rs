@@ -1,4 +1,5 @@
-//! Logging set-up: tracing-subscriber with an `EnvFilter` (RUST_LOG wins over `log.level`),
+//! Logging set-up of our binaries (each includes this file; the library leaves logging to
+//! the application): tracing-subscriber with an `EnvFilter` (RUST_LOG wins over `log.level`),
 //! text or one-JSON-object-per-line output on stderr.
 //!
 //! Output goes through [`RedactingWriter`], which masks the configured secrets in every line
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogConfig, LogFormat};
+use amqp_rpc::config::{LogConfig, LogFormat};
 
 /// Install the global subscriber. `secrets` are masked in all output (empty strings ignored).
 /// Returns an error if a subscriber is already installed.

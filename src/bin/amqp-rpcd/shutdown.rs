@@ -2,7 +2,8 @@
 //!
 //! The first signal cancels the token: the daemon stops taking work and drains. A second signal
 //! means the operator will not wait: the process exits at once with [`FORCED_EXIT_CODE`].
-//! `run()` never installs handlers itself; it takes the token, so tests drive shutdown directly.
+//! The library never installs handlers itself: `Daemon::run` takes the token, so tests (and
+//! applications with signal handling of their own) drive shutdown directly.
 
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGINT, SIGTERM};

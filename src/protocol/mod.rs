@@ -1,15 +1,17 @@
-//! The v1 wire contract shared by the daemon and the client (DESIGN.md section 1).
+//! The v1 wire contract shared by the daemon and the client (written out in `docs/PROTOCOL.md`).
 //!
 //! Everything both sides must agree on lives here: header names, the error codes carried in
 //! `x-error-code`, how the absolute deadline is encoded, and how a request's routing facts are read
 //! out of AMQP properties. Keeping it in one module means a change to the contract is one diff.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
+
+mod codes;
+
+pub use codes::{ErrorCode, RequestError};
 
 /// Header carrying the absolute deadline, Unix epoch milliseconds.
 pub const DEADLINE_HEADER: &str = "x-deadline-ms";
@@ -25,152 +27,12 @@ pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// RabbitMQ 4.3's count of earlier acquisitions of a quorum queue's message, whatever ended
 /// them: the one that counts a request whose worker died with it.
 pub const ACQUIRED_COUNT_HEADER: &str = "x-acquired-count";
-/// Method used when `type` is absent or empty: the tutorial's clients never set it.
-pub const DEFAULT_METHOD: &str = "fib";
 /// RabbitMQ's pseudo-queue for direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Content type of raw requests and replies, and of every error reply (a one-line message).
 pub const REPLY_CONTENT_TYPE: &str = "text/plain";
 /// Content type of typed JSON requests and of their success replies.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
-
-/// The error codes of the contract, carried in the `x-error-code` header of an error reply.
-///
-/// The first seven are the daemon's own; the rest are for methods' application errors, after
-/// the gRPC canonical codes (same names, same meanings), so a caller in any language can act
-/// on them. Whether a retry may help is a property of the code ([`ErrorCode::is_retryable`]),
-/// also sent as the `x-error-retryable` header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorCode {
-    /// Body not what the method takes, not UTF-8, or `correlation_id` missing.
-    InvalidArgument,
-    /// Argument parsed but beyond the method's bound (`n > max_n`).
-    OutOfRange,
-    /// `type` names no registered method.
-    UnknownMethod,
-    /// Body over `max_body_bytes`, or a method's own quota.
-    ResourceExhausted,
-    /// Work could not finish before the request's deadline.
-    DeadlineExceeded,
-    /// Handler failed or panicked, or a poison request was given up.
-    Internal,
-    /// The daemon cannot serve now.
-    Unavailable,
-    /// The caller may not do this (a method's own check).
-    PermissionDenied,
-    /// The thing asked about does not exist.
-    NotFound,
-    /// The thing to be created exists already.
-    AlreadyExists,
-    /// The system is not in the state the operation needs (retrying the same request will
-    /// not help until the state changes).
-    FailedPrecondition,
-    /// The operation was aborted by a conflict (a concurrency clash): a retry may succeed.
-    Aborted,
-    /// The method exists but does not implement this operation.
-    Unimplemented,
-    /// The caller is not authenticated as the method requires.
-    Unauthenticated,
-    /// The operation was cancelled (by the server, e.g. while draining).
-    Cancelled,
-    /// Unrecoverable data loss or corruption.
-    DataLoss,
-    /// An error the method could not classify.
-    Unknown,
-}
-
-impl ErrorCode {
-    /// Every code, in contract order.
-    pub const ALL: [ErrorCode; 17] = [
-        ErrorCode::InvalidArgument,
-        ErrorCode::OutOfRange,
-        ErrorCode::UnknownMethod,
-        ErrorCode::ResourceExhausted,
-        ErrorCode::DeadlineExceeded,
-        ErrorCode::Internal,
-        ErrorCode::Unavailable,
-        ErrorCode::PermissionDenied,
-        ErrorCode::NotFound,
-        ErrorCode::AlreadyExists,
-        ErrorCode::FailedPrecondition,
-        ErrorCode::Aborted,
-        ErrorCode::Unimplemented,
-        ErrorCode::Unauthenticated,
-        ErrorCode::Cancelled,
-        ErrorCode::DataLoss,
-        ErrorCode::Unknown,
-    ];
-
-    /// The wire spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidArgument => "invalid_argument",
-            ErrorCode::OutOfRange => "out_of_range",
-            ErrorCode::UnknownMethod => "unknown_method",
-            ErrorCode::ResourceExhausted => "resource_exhausted",
-            ErrorCode::DeadlineExceeded => "deadline_exceeded",
-            ErrorCode::Internal => "internal",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::PermissionDenied => "permission_denied",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::AlreadyExists => "already_exists",
-            ErrorCode::FailedPrecondition => "failed_precondition",
-            ErrorCode::Aborted => "aborted",
-            ErrorCode::Unimplemented => "unimplemented",
-            ErrorCode::Unauthenticated => "unauthenticated",
-            ErrorCode::Cancelled => "cancelled",
-            ErrorCode::DataLoss => "data_loss",
-            ErrorCode::Unknown => "unknown",
-        }
-    }
-
-    /// Whether the same request may succeed if sent again (the contract's "caller may retry?"):
-    /// `deadline_exceeded`, `unavailable` and `aborted`, as gRPC advises. `internal` is
-    /// "maybe": we say no, because a handler that failed once on the same input will most
-    /// likely fail again, and the poison limit already retried on the server side.
-    pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::DeadlineExceeded | ErrorCode::Unavailable | ErrorCode::Aborted
-        )
-    }
-}
-
-impl fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ErrorCode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ErrorCode::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("unknown error code {s:?}"))
-    }
-}
-
-/// A request the daemon refuses or fails: becomes an error reply with this code and message.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct RequestError {
-    /// The contract code sent in `x-error-code`.
-    pub code: ErrorCode,
-    /// A one-line human message sent as the reply body.
-    pub message: String,
-}
-
-impl RequestError {
-    /// Build an error; newlines are flattened because the contract promises a one-line body.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        let message = message.into().replace(['\r', '\n'], " ");
-        RequestError { code, message }
-    }
-}
 
 /// Milliseconds since the Unix epoch, the deadline header's unit.
 pub fn now_epoch_ms() -> u64 {
@@ -236,7 +98,8 @@ pub struct RequestMeta {
     pub correlation_id: Option<String>,
     /// Idempotency key when present.
     pub message_id: Option<String>,
-    /// Method name; the contract's default when absent or empty.
+    /// Method name (`type`); empty when absent, which the server's default method answers
+    /// (the tutorial's clients never set it).
     pub method: String,
     /// Absolute deadline, epoch ms.
     pub deadline_ms: Option<u64>,
@@ -262,7 +125,7 @@ impl RequestMeta {
             reply_to: non_empty(props.reply_to()),
             correlation_id: non_empty(props.correlation_id()),
             message_id: non_empty(props.message_id()),
-            method: non_empty(props.kind()).unwrap_or_else(|| DEFAULT_METHOD.to_owned()),
+            method: non_empty(props.kind()).unwrap_or_default(),
             deadline_ms: header_u64(headers, DEADLINE_HEADER),
             delivery_count: header_u64(headers, DELIVERY_COUNT_HEADER)
                 .max(header_u64(headers, ACQUIRED_COUNT_HEADER)),
@@ -377,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn meta_defaults_method_and_ignores_empty_fields() {
+    fn meta_leaves_a_missing_method_to_the_server_and_ignores_empty_fields() {
         let props = BasicProperties::default()
             .with_reply_to("q".into())
             .with_correlation_id("".into())
@@ -385,7 +248,7 @@ mod tests {
         let meta = RequestMeta::from_properties(&props);
         assert_eq!(meta.reply_to.as_deref(), Some("q"));
         assert_eq!(meta.correlation_id, None);
-        assert_eq!(meta.method, DEFAULT_METHOD);
+        assert_eq!(meta.method, "");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::client::{CallOptions, Client};
+use amqp_rpc::client::{CallOptions, Client};
 
 /// How long the load runs.
 #[derive(Clone, Copy, Debug)]

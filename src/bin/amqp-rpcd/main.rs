@@ -1,12 +1,20 @@
-//! `amqp-rpcd`: the worker daemon. Thin by design: parse arguments, load the config, set up
-//! logging, build the metrics registry and the shutdown token, call [`amqp_rpc::run`], map the
-//! outcome to an exit code.
+//! `amqp-rpcd`: the worker daemon, serving the demo `fib` method. Thin by design: parse
+//! arguments, load the config (the library's sections and the demo's `[fib]`), set up logging,
+//! own the process (signals, systemd, exit codes), build the metrics registry and the shutdown
+//! token, and hand the rest to [`amqp_rpc::Daemon`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use amqp_rpc::{config, shutdown, telemetry};
+use amqp_rpc::config::{self, Config, ConfigError};
+use amqp_rpc::Daemon;
 use clap::Parser;
+
+mod fib;
+mod shutdown;
+mod systemd;
+#[path = "../common/telemetry.rs"]
+mod telemetry;
 
 /// Exit code for an invalid configuration (EX_USAGE), as `--check-config` promises.
 const EXIT_CONFIG: u8 = 64;
@@ -23,10 +31,19 @@ struct Args {
     check_config: bool,
 }
 
+/// The daemon's config and the demo method's, every problem of both reported at once.
+fn load(path: Option<&std::path::Path>) -> Result<(Config, fib::FibConfig), ConfigError> {
+    let (config, fib): (_, fib::FibConfig) = config::load_with_section(path, None, fib::SECTION)?;
+    fib.validate().map_err(|problem| ConfigError {
+        problems: vec![problem],
+    })?;
+    Ok((config, fib))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match config::load(args.config.as_deref()) {
-        Ok(config) => config,
+    let (config, fib) = match load(args.config.as_deref()) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("amqp-rpcd: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -63,7 +80,11 @@ fn main() -> ExitCode {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let shutdown = shutdown::install().map_err(amqp_rpc::Error::Signals)?;
-        amqp_rpc::run(config, registry, shutdown).await
+        let daemon = Daemon::start(config, registry)
+            .await?
+            .with_methods(fib.methods())?;
+        systemd::follow(&daemon, shutdown.clone());
+        daemon.run(shutdown).await
     });
     // Blocking handler threads may still be computing; do not wait for them.
     runtime.shutdown_background();
