@@ -6,11 +6,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use amqp_rpc::client::NO_SERVER_RETRY_WINDOW;
-use amqp_rpc::CallError;
+use amqp_rpc::{CallError, Client};
 use common::fib::fib_decimal;
 use common::*;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicPublishOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 
 #[tokio::test]
@@ -115,6 +118,89 @@ async fn no_server_when_queue_vanishes_after_a_good_probe() {
     let err = client.call("fib", b"10").await.unwrap_err();
     assert!(err.is_no_server(), "{err:?}");
     assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_returned_request_is_no_server_with_publisher_confirms_too() {
+    // Confirm mode carries the returned message on the confirm instead of leaving it with
+    // the channel: the same outcome, as fast.
+    let queue = unique_queue("vanish-confirm");
+    let daemon = TestDaemon::start(test_config(&queue)).await;
+    let client = Client::builder(amqp_url())
+        .queue(&queue)
+        .timeout(Duration::from_secs(10))
+        .publisher_confirms(true)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(fib(&client, 10).await.unwrap().to_string(), "55");
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+    let t0 = Instant::now();
+    let err = client.call("fib", b"10").await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::NoServer { reason, .. } if reason.contains("returned")),
+        "{err:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(client.pending_calls(), 0);
+}
+
+#[tokio::test]
+async fn a_request_the_queue_refuses_fails_at_once_with_confirms_and_at_its_deadline_without() {
+    // A full queue with `x-overflow = reject-publish` routes a request and refuses it. Only a
+    // publisher confirm says so; without one the call ends by its deadline, as any call whose
+    // request is lost does.
+    let queue = unique_queue("refuse");
+    let conn = raw_connection().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await
+        .unwrap();
+    // A consumer, so the client's probe finds the queue served.
+    let _consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let timeout = Duration::from_millis(1500);
+    for confirms in [true, false] {
+        let client = Client::builder(amqp_url())
+            .queue(&queue)
+            .timeout(timeout)
+            .publisher_confirms(confirms)
+            .connect()
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        let err = client.call("fib", b"10").await.unwrap_err();
+        let took = t0.elapsed();
+        if confirms {
+            assert!(
+                matches!(&err, CallError::Unavailable(m) if m.contains("refused")),
+                "{err:?}"
+            );
+            assert!(took < Duration::from_millis(500), "took {took:?}");
+        } else {
+            assert!(
+                matches!(err, CallError::Timeout(t) if t == timeout),
+                "{err:?}"
+            );
+            assert!(took >= timeout && took < timeout * 2, "took {took:?}");
+        }
+        assert_eq!(client.pending_calls(), 0);
+    }
+    delete_queue(&queue).await;
 }
 
 #[tokio::test]

@@ -163,6 +163,7 @@ async fn bounds_are_checked_before_any_user_code_runs() {
     }
     let got = replies(&mut raw, 3).await;
     assert_eq!(got["a"].body, vec![b'x'; 64]);
+    assert_eq!(got["a"].content_type, None, "a raw success reply is bytes");
     assert_eq!(
         (got["b"].body.as_slice(), got["b"].content_type.as_deref()),
         (&b"1"[..], Some(JSON_CONTENT_TYPE))

@@ -29,6 +29,11 @@ const RETRY_MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// broker returned (no queue) or refused is reported this soon.
 const CONFIRM_GRACE: Duration = Duration::from_millis(25);
 
+/// Without confirms, a late call looks for its request among the returned ones again after
+/// twice as long each time, up to this: how late a `NoServer` can be at worst, when the
+/// broker's return itself came late.
+const RETURN_LOOK_MAX: Duration = Duration::from_millis(400);
+
 /// `start + timeout`, saturating: a `Duration::MAX` timeout means "about never", not a panic.
 pub(super) fn far(start: Instant, timeout: Duration) -> Instant {
     start
@@ -72,7 +77,7 @@ impl Inner {
         target: &Target,
         method: &str,
         body: &[u8],
-        content_type: &'static str,
+        content_type: Option<&'static str>,
         options: CallOptions,
     ) -> Result<Vec<u8>, CallError> {
         if method.is_empty() || method.len() > 255 {
@@ -155,7 +160,7 @@ impl Inner {
     {
         let body = encode_json(request)?;
         let reply = self
-            .call(target, method, &body, JSON_CONTENT_TYPE, options)
+            .call(target, method, &body, Some(JSON_CONTENT_TYPE), options)
             .await?;
         decode_json(&reply)
     }
@@ -184,9 +189,11 @@ impl Inner {
         if let Some(message_id) = message_id {
             props = props.with_message_id(message_id.into());
         }
+        if let Some(content_type) = content_type {
+            props = props.with_content_type(content_type.into());
+        }
         let props = props
             .with_type(method.into())
-            .with_content_type(content_type.into())
             .with_expiration(expiration_ms(deadline - Instant::now()).into())
             .with_headers(headers);
         let options = BasicPublishOptions {
@@ -199,33 +206,52 @@ impl Inner {
         // when the reply is late, which is when they matter: a request returned as
         // unroutable (`NoServer`), nacked, or never written.
         let queue = target.queue.as_ref().into();
-        let mut publish = Publish::start(&session.channel, queue, options, body.to_vec(), props)
-            .map_err(|_| CallError::ConnectionLost)?;
-        let grace = tokio::time::sleep_until(deadline.min(Instant::now() + CONFIRM_GRACE));
-        tokio::select! {
-            biased;
-            result = &mut reply => return reply_result(result),
-            _ = grace => {}
-        }
-        match publish
-            .confirmation()
-            .await
-            .map_err(|_| CallError::ConnectionLost)?
-        {
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                return Err(CallError::NoServer {
-                    queue: target.queue.to_string(),
-                    reason: format!("request returned: {}", returned.reply_text),
-                });
+        let mut publish = Some(
+            Publish::start(&session.channel, queue, options, body.to_vec(), props)
+                .map_err(|_| CallError::ConnectionLost)?,
+        );
+        let mut look_after = CONFIRM_GRACE;
+        loop {
+            let look = tokio::time::sleep_until(deadline.min(Instant::now() + look_after));
+            tokio::select! {
+                biased;
+                result = &mut reply => return reply_result(result),
+                _ = look => {}
             }
-            Confirmation::Nack(None) => {
-                return Err(CallError::Unavailable(
-                    "the broker refused the request".into(),
-                ));
+            if session.confirms {
+                let publish = publish.as_mut().expect("looked at once in confirm mode");
+                return match publish.confirmation().await {
+                    Err(_) => Err(CallError::ConnectionLost),
+                    Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) => {
+                        Err(CallError::returned(
+                            &target.queue,
+                            returned.reply_text.as_str(),
+                        ))
+                    }
+                    Ok(Confirmation::Nack(None)) => Err(CallError::Unavailable(
+                        "the broker refused the request".into(),
+                    )),
+                    Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
+                        reply_result(reply.await)
+                    }
+                };
             }
-            Confirmation::Ack(None) | Confirmation::NotRequested => {}
+            // Without confirms the broker says nothing of a routed request, and lapin keeps a
+            // returned one until asked: ask, handing every returned request to its call (this
+            // one's included, through `reply`), and look again later, less and less often.
+            if let Some(started) = publish.as_mut() {
+                match started.peek() {
+                    Some(Err(_)) => return Err(CallError::ConnectionLost),
+                    Some(Ok(_)) => publish = None, // written
+                    None => {}
+                }
+            }
+            session.collect_returns(&self.shared);
+            if Instant::now() >= deadline {
+                return Err(CallError::Timeout(Duration::ZERO)); // the caller's own timeout
+            }
+            look_after = (look_after * 2).min(RETURN_LOOK_MAX);
         }
-        reply_result(reply.await)
     }
 
     pub(super) async fn session(&self, deadline: Instant) -> Result<Arc<Session>, CallError> {
@@ -260,7 +286,9 @@ impl Inner {
 struct Request<'a> {
     method: &'a str,
     body: &'a [u8],
-    content_type: &'static str,
+    /// None for raw bytes: a property the broker would only carry along (RabbitMQ 4.x decodes
+    /// and re-encodes each one per hop), and "text/plain" was never true of every raw body.
+    content_type: Option<&'static str>,
     deadline: Instant,
     deadline_ms: u64,
     /// Idempotent calls only: every attempt carries the same one.

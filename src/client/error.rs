@@ -36,6 +36,14 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// The broker returned the request (`mandatory`): no queue by that name, so nobody serves it.
+    pub(crate) fn returned(queue: &str, reply_text: &str) -> Self {
+        CallError::NoServer {
+            queue: queue.to_owned(),
+            reason: format!("request returned: {reply_text}"),
+        }
+    }
+
     /// No answer in time, locally or as the server's `deadline_exceeded`.
     pub fn is_timeout(&self) -> bool {
         matches!(self, CallError::Timeout(_))

@@ -64,8 +64,6 @@ pub const NO_SERVER_RETRY_WINDOW: Duration = Duration::from_secs(1);
 /// deadline: the servers are most likely reconnecting (a broker node failed over, a rolling
 /// restart), and a call that waits for them beats an error.
 pub const SERVED_RECENTLY: Duration = Duration::from_secs(30);
-/// The content type of raw requests (the tutorial's clients' too).
-const TEXT_CONTENT_TYPE: &str = "text/plain";
 
 /// Options of one call.
 #[derive(Clone, Copy, Debug)]
@@ -83,6 +81,7 @@ pub struct ClientBuilder {
     amqp: AmqpConfig,
     queue: String,
     timeout: Duration,
+    publisher_confirms: bool,
 }
 
 impl ClientBuilder {
@@ -96,6 +95,18 @@ impl ClientBuilder {
     /// Default timeout of [`Client::call`].
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Publish requests in confirm mode (default off). Requests are always `mandatory`, so a
+    /// request the broker cannot route (its queue deleted since the client last looked) is
+    /// reported as [`CallError::NoServer`] either way. Confirms add one thing: a request the
+    /// broker routes but refuses, as a queue with `x-overflow = reject-publish` at its
+    /// `x-max-length` does, fails at once with [`CallError::Unavailable`] instead of at its
+    /// deadline. Turn them on for such queues; they cost the broker work on every call
+    /// (BENCHMARKS.md prices them).
+    pub fn publisher_confirms(mut self, on: bool) -> Self {
+        self.publisher_confirms = on;
         self
     }
 
@@ -116,6 +127,7 @@ impl ClientBuilder {
         let cancel = CancellationToken::new();
         tokio::spawn(session::supervise(
             connector,
+            self.publisher_confirms,
             shared.clone(),
             tx,
             cancel.clone(),
@@ -186,6 +198,7 @@ impl Client {
             },
             queue: "rpc_queue".into(),
             timeout: DEFAULT_TIMEOUT,
+            publisher_confirms: false,
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{CallError, CallOptions, Inner, Target, TEXT_CONTENT_TYPE};
+use super::{CallError, CallOptions, Inner, Target};
 
 /// A service queue called through a [`Client`]'s connection: made by [`Client::service`],
 /// cheap to clone (an `Arc` of the client and the queue's name and state). Its calls share the
@@ -103,7 +103,7 @@ impl Service {
         options: CallOptions,
     ) -> Result<Vec<u8>, CallError> {
         self.inner
-            .call(&self.target, method, body, TEXT_CONTENT_TYPE, options)
+            .call(&self.target, method, body, None, options)
             .await
     }
 

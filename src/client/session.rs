@@ -24,12 +24,19 @@ use crate::client::shared::{LastProbe, QueueState, Shared};
 use crate::client::CallError;
 use crate::protocol::{header_str, ErrorCode, DIRECT_REPLY_TO, ERROR_CODE_HEADER};
 
+/// How often the router collects returned requests that no call looked for (see
+/// [`Session::collect_returns`]): what lapin holds meanwhile is bounded by this.
+const COLLECT_RETURNS_EVERY: Duration = Duration::from_secs(1);
+
 /// One live connection.
 #[derive(Debug)]
 pub(crate) struct Session {
     pub conn: Connection,
-    /// Publishes requests (confirm mode) and consumes direct replies.
+    /// Publishes requests (`mandatory`; in confirm mode when asked) and consumes direct
+    /// replies.
     pub channel: Channel,
+    /// The channel is in confirm mode.
+    pub confirms: bool,
     /// The probe channel. One probe at a time: a passive declare of a missing queue closes
     /// the channel it runs on, which would fail another queue's probe running beside it.
     probe: tokio::sync::Mutex<Probe>,
@@ -128,19 +135,47 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Hand every request the broker returned to its call, as `NoServer`. Without confirm
+    /// mode lapin keeps returned messages until asked (`wait_for_confirms`, which then has no
+    /// confirm to wait for); a call whose reply is late asks, and the router asks now and then
+    /// for the calls that ended before they looked, so none is kept for long.
+    pub fn collect_returns(&self, shared: &Shared) {
+        use futures_util::FutureExt;
+        let Some(Ok(returned)) = self.channel.wait_for_confirms().now_or_never() else {
+            return;
+        };
+        for message in returned {
+            let id = message
+                .delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map_or("", |s| s.as_str());
+            if let Some(tx) = shared.take(id) {
+                let queue = message.delivery.routing_key.as_str();
+                let _ = tx.send(Err(CallError::returned(queue, message.reply_text.as_str())));
+            }
+        }
+    }
+}
+
 fn unavailable(e: &lapin::Error) -> CallError {
     CallError::Unavailable(e.to_string())
 }
 
 async fn open(
     conn: Connection,
+    confirms: bool,
     shared: &Shared,
 ) -> Result<(Arc<Session>, Consumer), (Connection, lapin::Error)> {
     let setup = async {
         let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        if confirms {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+        }
         let consumer = channel
             .basic_consume(
                 DIRECT_REPLY_TO.into(),
@@ -159,6 +194,7 @@ async fn open(
             Arc::new(Session {
                 conn,
                 channel,
+                confirms,
                 probe: tokio::sync::Mutex::new(Probe::default()),
                 born_ms: shared.now_ms(),
             }),
@@ -171,6 +207,7 @@ async fn open(
 /// Keep a session available in `sessions` until `cancel` fires.
 pub(crate) async fn supervise(
     mut connector: Connector,
+    confirms: bool,
     shared: Arc<Shared>,
     sessions: watch::Sender<Option<Arc<Session>>>,
     cancel: CancellationToken,
@@ -183,7 +220,7 @@ pub(crate) async fn supervise(
         else {
             return;
         };
-        let (session, consumer) = match open(conn, &shared).await {
+        let (session, consumer) = match open(conn, confirms, &shared).await {
             Ok(opened) => opened,
             Err((conn, e)) => {
                 shared.set_last_error(&format!("opening the reply channel: {e}"));
@@ -199,7 +236,7 @@ pub(crate) async fn supervise(
         }
         connected_before = true;
         sessions.send_replace(Some(session.clone()));
-        let reason = route(consumer, &shared, &cancel).await;
+        let reason = route(&session, consumer, &shared, &cancel).await;
         sessions.send_replace(None);
         shared.fail_all(&CallError::ConnectionLost);
         if cancel.is_cancelled() {
@@ -221,10 +258,18 @@ pub(crate) async fn supervise(
 }
 
 /// Hand each reply to its waiting call until the consumer ends; returns why it ended.
-async fn route(mut consumer: Consumer, shared: &Shared, cancel: &CancellationToken) -> String {
+async fn route(
+    session: &Session,
+    mut consumer: Consumer,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) -> String {
+    let mut collect = tokio::time::interval(COLLECT_RETURNS_EVERY);
+    collect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return "client dropped".into(),
+            _ = collect.tick(), if !session.confirms => session.collect_returns(shared),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => dispatch(shared, delivery),
                 Some(Err(e)) => return format!("reply consumer error: {e}"),

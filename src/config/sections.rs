@@ -119,8 +119,10 @@ section!(
         declare: Declare = Declare::Auto,
         /// CPU-heavy handlers running at once; 0 = number of CPUs.
         concurrency: usize = 0,
-        /// Unacknowledged deliveries the broker may push to this daemon.
-        prefetch: u16 = 64,
+        /// Unacknowledged deliveries the broker may push to this daemon. Well above the
+        /// callers' usual concurrency: a request holds its slot until its reply is confirmed
+        /// and its ack is sent, a while after the caller has its answer.
+        prefetch: u16 = 256,
         /// The method a request without a `type` gets (the RabbitMQ tutorial's clients send
         /// none); empty = the program's own choice (`amqp-rpcd`: `fib`), if it made one.
         default_method: String = String::new(),

@@ -29,8 +29,9 @@ pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 pub const ACQUIRED_COUNT_HEADER: &str = "x-acquired-count";
 /// RabbitMQ's pseudo-queue for direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
-/// Content type of raw requests and replies, and of every error reply (a one-line message).
-pub const REPLY_CONTENT_TYPE: &str = "text/plain";
+/// Content type of every error reply (a one-line message). Raw requests and raw success
+/// replies carry none: they are bytes, and each property is work for the broker.
+pub const ERROR_CONTENT_TYPE: &str = "text/plain";
 /// Content type of typed JSON requests and of their success replies.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 
@@ -146,18 +147,19 @@ impl RequestMeta {
     }
 }
 
-/// Build the properties of a reply: correlation id copied, `text/plain`, the error code header
-/// when it is an error, and `expiration` set to the time left so an unread reply does not linger.
+/// Build the properties of a reply: correlation id copied; when it is an error, `text/plain`
+/// and the error code headers; and `expiration` set to the time left so an unread reply does not linger.
 pub fn reply_properties(
     correlation_id: Option<&str>,
     error: Option<ErrorCode>,
     remaining: Option<Duration>,
 ) -> BasicProperties {
-    let mut props = BasicProperties::default().with_content_type(REPLY_CONTENT_TYPE.into());
+    let mut props = BasicProperties::default();
     if let Some(id) = correlation_id {
         props = props.with_correlation_id(id.into());
     }
     if let Some(code) = error {
+        props = props.with_content_type(ERROR_CONTENT_TYPE.into());
         let mut headers = FieldTable::default();
         headers.insert(
             ERROR_CODE_HEADER.into(),

@@ -14,9 +14,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
-use crate::protocol::{
-    now_epoch_ms, reply_properties, ErrorCode, RequestMeta, DIRECT_REPLY_TO, REPLY_CONTENT_TYPE,
-};
+use crate::protocol::{now_epoch_ms, reply_properties, ErrorCode, RequestMeta, DIRECT_REPLY_TO};
 use crate::publish::Publish;
 use crate::server::ctx::RequestCtx;
 use crate::server::decide::{
@@ -211,11 +209,7 @@ fn reply_parts<'r>(
     });
     let mut props = reply_properties(meta.correlation_id.as_deref(), code, ttl);
     if result.is_ok() {
-        let content_type = ctx
-            .methods
-            .get(&meta.method)
-            .map_or(REPLY_CONTENT_TYPE, |m| m.content_type());
-        if content_type != REPLY_CONTENT_TYPE {
+        if let Some(content_type) = ctx.methods.get(&meta.method).and_then(|m| m.content_type()) {
             props = props.with_content_type(content_type.into());
         }
     }

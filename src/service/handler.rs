@@ -182,8 +182,8 @@ where
         })))
     }
 
-    fn content_type(&self) -> &'static str {
-        JSON_CONTENT_TYPE
+    fn content_type(&self) -> Option<&'static str> {
+        Some(JSON_CONTENT_TYPE)
     }
 
     fn limit(&self) -> Option<&Arc<Semaphore>> {
@@ -225,7 +225,7 @@ mod tests {
     #[tokio::test]
     async fn json_bodies_are_parsed_before_any_work() {
         let add = adder();
-        assert_eq!(add.content_type(), JSON_CONTENT_TYPE);
+        assert_eq!(add.content_type(), Some(JSON_CONTENT_TYPE));
         let err = match add.prepare(br#"{"a": 1}"#) {
             Err(e) => e,
             Ok(_) => panic!("a body without b was accepted"),

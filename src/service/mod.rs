@@ -58,9 +58,10 @@ pub trait Method: Send + Sync + 'static {
     /// Validate the body and either answer at once or hand back the heavy part.
     /// Must be cheap and must not panic on any input (the daemon catches panics anyway).
     fn prepare(&self, body: &[u8]) -> Result<Work, RequestError>;
-    /// Content type of a success reply (error replies are one-line `text/plain`).
-    fn content_type(&self) -> &'static str {
-        crate::protocol::REPLY_CONTENT_TYPE
+    /// Content type of a success reply, if it has one (error replies are one-line
+    /// `text/plain`). None, the default, is raw bytes: the reply carries no `content_type`.
+    fn content_type(&self) -> Option<&'static str> {
+        None
     }
     /// A limit of this method's own on requests running at once, if it has one.
     fn limit(&self) -> Option<&Arc<Semaphore>> {
