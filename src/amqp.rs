@@ -84,6 +84,7 @@ fn note_io_loop_fallback(amqp: &AmqpConfig) {
 
 /// Errors of connection set-up that no retry can fix.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SetupError {
     /// A URL that does not parse (the message never contains the password).
     #[error("amqp.url: {url:?} is not an AMQP URL: {reason}")]
@@ -237,6 +238,7 @@ pub fn jittered(d: Duration) -> Duration {
 
 /// Why a declaration failed: fatal (fix the config) or a broker hiccup (retry).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DeclareError {
     /// No retry will fix it.
     #[error(transparent)]
@@ -251,6 +253,7 @@ pub enum DeclareError {
 
 /// What a passive declare says about a service queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum QueueProbe {
     /// The queue exists; with this many consumers.
     Consumers(u32),

@@ -7,6 +7,7 @@ use crate::config::ConfigError;
 
 /// Why the daemon stopped for good.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]

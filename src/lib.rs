@@ -73,6 +73,7 @@ mod liveness;
 pub mod protocol;
 mod publish;
 mod queue;
+mod reply_to;
 mod secret;
 pub mod server;
 pub mod service;

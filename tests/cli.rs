@@ -334,3 +334,30 @@ async fn idempotent_flag_retries_an_unavailable_answer() {
     daemon.stop().await.unwrap();
     delete_queue(&queue).await;
 }
+
+#[tokio::test]
+async fn identify_sends_the_user_a_guarded_method_requires() {
+    let queue = unique_queue("cli-identify");
+    let mut config = test_config(&queue);
+    config
+        .service
+        .callers
+        .insert("fib".into(), vec!["guest".into()]);
+    let daemon = TestDaemon::start(config).await;
+    let out = cli(&["call", "fib", "10", "--queue", &queue]).await;
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("permission_denied"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = cli(&["call", "fib", "10", "--queue", &queue, "--identify"]).await;
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).trim()),
+        (Some(0), "55"),
+        "{}",
+        text(&out.stderr)
+    );
+    daemon.stop().await.unwrap();
+    delete_queue(&queue).await;
+}

@@ -113,7 +113,10 @@ async fn tutorial_server_dies_after_amqp_rpcd_on_a_classic_queue() {
 async fn reused_correlation_ids_never_get_another_requests_reply() {
     let queue = unique_queue("reused-ids");
     let replies = unique_queue("reused-ids-replies");
-    let daemon = TestDaemon::start(test_config(&queue)).await;
+    // A named reply queue is answered once `service.reply_to` lists it.
+    let mut config = test_config(&queue);
+    config.service.reply_to = format!("amq.rabbitmq.reply-to.*, amq.gen-*, {replies}");
+    let daemon = TestDaemon::start(config).await;
     let run = |args: &'static [&'static str]| {
         let mut cmd = python("reused_ids_client.py", &queue);
         cmd.env("REPLY_QUEUE", &replies).args(args);

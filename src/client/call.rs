@@ -192,6 +192,9 @@ impl Inner {
         if let Some(content_type) = content_type {
             props = props.with_content_type(content_type.into());
         }
+        if let Some(user) = self.user_id.as_deref() {
+            props = props.with_user_id(user.into());
+        }
         let props = props
             .with_type(method.into())
             .with_expiration(expiration_ms(deadline - Instant::now()).into())

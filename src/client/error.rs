@@ -6,6 +6,7 @@ use crate::protocol::ErrorCode;
 
 /// Why a call did not return a value.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CallError {
     /// No reply before the call's deadline.
     #[error("no reply within {0:?}")]

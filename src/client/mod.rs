@@ -82,6 +82,7 @@ pub struct ClientBuilder {
     queue: String,
     timeout: Duration,
     publisher_confirms: bool,
+    identify: bool,
 }
 
 impl ClientBuilder {
@@ -110,6 +111,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Send the user this client connects as in every request's `user_id` (default off). The
+    /// broker checks it against the connection's user, so a server can trust it: methods a
+    /// daemon serves only to some callers (`service.callers`) need it. Every URL given must
+    /// use the same user. One property more per call for the broker to carry.
+    pub fn identify(mut self, on: bool) -> Self {
+        self.identify = on;
+        self
+    }
+
     /// Connection settings beyond the URL (heartbeat, connect timeout, backoff cap).
     pub fn amqp(mut self, amqp: AmqpConfig) -> Self {
         let url = std::mem::take(&mut self.amqp.url);
@@ -122,6 +132,13 @@ impl ClientBuilder {
     pub fn build(self) -> Result<Client, CallError> {
         let connector = Connector::new(&self.amqp, "amqp-rpc client")
             .map_err(|e| CallError::Unavailable(e.to_string()))?;
+        let user_id = match self.identify {
+            false => None,
+            true => crate::config::split_urls(&self.amqp.url)
+                .next()
+                .and_then(|url| url.parse::<lapin::uri::AMQPUri>().ok())
+                .map(|uri| uri.authority.userinfo.username),
+        };
         let shared = Arc::new(Shared::default());
         let (tx, sessions) = watch::channel(None);
         let cancel = CancellationToken::new();
@@ -140,6 +157,7 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 default,
                 timeout: self.timeout,
+                user_id,
                 ids: Ids::new(),
                 shared,
                 sessions,
@@ -169,6 +187,8 @@ struct Inner {
     /// The builder's queue, which [`Client`]'s own call methods call.
     default: Target,
     timeout: Duration,
+    /// Sent as `user_id` (see [`ClientBuilder::identify`]).
+    user_id: Option<String>,
     ids: Ids,
     shared: Arc<Shared>,
     sessions: watch::Receiver<Option<Arc<Session>>>,
@@ -199,6 +219,7 @@ impl Client {
             queue: "rpc_queue".into(),
             timeout: DEFAULT_TIMEOUT,
             publisher_confirms: false,
+            identify: false,
         }
     }
 

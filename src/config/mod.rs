@@ -255,6 +255,16 @@ impl Config {
                     .into(),
             );
         }
+        if let Err(e) = crate::reply_to::ReplyToPolicy::parse(&s.reply_to) {
+            p.push(format!("service.reply_to: {e}"));
+        }
+        for (method, users) in &s.callers {
+            if users.iter().any(|u| u.is_empty()) {
+                p.push(format!(
+                    "service.callers.{method}: an empty user name matches no caller"
+                ));
+            }
+        }
         if s.reply_cache_ttl_secs == 0 {
             p.push("service.reply_cache_ttl_secs: must be at least 1".into());
         }

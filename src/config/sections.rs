@@ -10,6 +10,7 @@ use super::{redact_text, redact_url, split_urls, url_secrets};
 /// Queue flavour of the service queue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum QueueType {
     /// Classic queue, declared durable with no arguments (RabbitMQ 4.3 deprecates
     /// non-durable, non-exclusive queues).
@@ -22,6 +23,7 @@ pub enum QueueType {
 /// How the daemon treats the service queue (`service.declare`, see [`crate::queue`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Declare {
     /// Serve a queue that exists as it is, whatever its type and arguments, and say what it
     /// is; declare a missing one in the `queue_type` shape.
@@ -38,6 +40,7 @@ pub enum Declare {
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
@@ -141,6 +144,15 @@ section!(
         confirm_replies: bool = true,
         /// Queue that receives copies of poison requests; empty = none.
         dead_letter_queue: String = String::new(),
+        /// The reply queues replies may go to, comma-separated: names, `prefix*`, or `*` for
+        /// any. A request naming another `reply_to` is acked without work and counted
+        /// (`rejected{reason="reply_to_refused"}`). The default is direct reply-to and
+        /// server-named queues; add the names of clients' named reply queues.
+        reply_to: String = crate::reply_to::DEFAULT_REPLY_TO.into(),
+        /// Methods that answer only some callers: method name -> the `user_id`s allowed (the
+        /// broker validates `user_id` against the connection's user). Others get
+        /// `permission_denied`; methods not listed answer anyone.
+        callers: std::collections::HashMap<String, Vec<String>> = Default::default(),
     }
 );
 
@@ -238,7 +250,7 @@ macro_rules! plain_debug {
 
 plain_debug! {
     ServiceConfig { queue, queue_type, declare, concurrency, prefetch, default_method, max_body_bytes, max_deliveries,
-        reply_cache_entries, reply_cache_ttl_secs, confirm_replies, dead_letter_queue }
+        reply_cache_entries, reply_cache_ttl_secs, confirm_replies, dead_letter_queue, reply_to, callers }
     ShutdownConfig { grace_secs }
     HttpConfig { listen }
     LogConfig { level, format }

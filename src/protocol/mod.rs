@@ -109,6 +109,12 @@ pub struct RequestMeta {
     pub delivery_count: Option<u64>,
     /// W3C trace context, when present.
     pub traceparent: Option<String>,
+    /// `user_id`: RabbitMQ refuses a publish whose `user_id` is not the publishing
+    /// connection's user (unless that user is tagged `impersonator`), so when present it is the
+    /// caller's validated identity.
+    pub user_id: Option<String>,
+    /// `app_id`: what the caller says it is; nobody checks it.
+    pub app_id: Option<String>,
 }
 
 fn non_empty(s: &Option<ShortString>) -> Option<String> {
@@ -131,6 +137,8 @@ impl RequestMeta {
             delivery_count: header_u64(headers, DELIVERY_COUNT_HEADER)
                 .max(header_u64(headers, ACQUIRED_COUNT_HEADER)),
             traceparent: header_str(headers, TRACEPARENT_HEADER).map(str::to_owned),
+            user_id: non_empty(props.user_id()),
+            app_id: non_empty(props.app_id()),
         }
     }
 

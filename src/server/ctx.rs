@@ -5,6 +5,7 @@
 //! (`reply.rs`) and the delivery's driver (`request.rs`) all depend on it and never on each
 //! other's internals.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use lapin::Channel;
@@ -12,6 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::RequestMeta;
+use crate::reply_to::{KnownNodes, ReplyToPolicy};
 use crate::server::idempotency::Idempotency;
 use crate::server::ledger::Ledger;
 use crate::server::metrics::Metrics;
@@ -50,6 +52,12 @@ pub struct RequestCtx {
     pub idempotency: Arc<Idempotency>,
     /// Attempts before a request is poison.
     pub max_deliveries: u32,
+    /// Where replies may go (`service.reply_to`).
+    pub reply_to: ReplyToPolicy,
+    /// The broker nodes this session's direct replies reached without harm.
+    pub known_nodes: KnownNodes,
+    /// Methods that answer only some callers (`service.callers`).
+    pub callers: HashMap<String, Vec<String>>,
     /// Where poison requests are copied; empty = nowhere.
     pub dead_letter_queue: String,
     /// Acks requests once their replies are in (see `settle.rs`).

@@ -4,10 +4,13 @@
 //! order is unit-tested without a broker; `request.rs` carries the decision out, `run.rs` runs
 //! the work, `reply.rs` sends.
 //!
-//! The order is the contract's: no `reply_to` (nobody to answer), then the deadline, then the
+//! The order is the contract's: no `reply_to` (nobody to answer), a `reply_to` the policy
+//! refuses (never published to), then the deadline, the caller's identity where the method
+//! requires one (before the cache, so a refused caller never gets a cached reply), then the
 //! reply cache (a copy answered before), then the attempt count (poison), then the checks
 //! (`correlation_id`, the body's size, the method) and the method's own `prepare`.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use crate::protocol::{ErrorCode, RequestError, RequestMeta};
+use crate::reply_to::{Refusal, ReplyToPolicy};
 use crate::server::idempotency::{cacheable, CachedReply, Idempotency};
 use crate::server::metrics::UNKNOWN_METHOD_LABEL;
 use crate::service::{Methods, Work};
@@ -47,6 +51,10 @@ pub struct Rules<'a> {
     pub methods: &'a Methods,
     pub max_body_bytes: usize,
     pub max_deliveries: u32,
+    /// Where replies may go (`service.reply_to`).
+    pub reply_to: &'a ReplyToPolicy,
+    /// The callers each listed method answers, by validated `user_id` (`service.callers`).
+    pub callers: &'a HashMap<String, Vec<String>>,
 }
 
 /// What the daemon remembers of earlier copies of a request. Asked only when the decision gets
@@ -74,6 +82,8 @@ impl Memory for Idempotency {
 pub enum Decision {
     /// No `reply_to`: nobody can be answered. Acked, counted as rejected, no reply.
     NoReplyTo,
+    /// A `reply_to` the policy refuses: acked, counted as rejected, never published to.
+    ReplyToRefused(Refusal),
     /// The deadline passed before work started: acked and dropped without a reply.
     Expired,
     /// A copy of a call answered before: the cached reply is sent again (a replay).
@@ -120,11 +130,20 @@ pub struct Job {
 /// What a delivery gets, in the contract's order (see the module doc).
 pub fn decide(delivery: &Delivered<'_>, rules: &Rules<'_>, memory: &impl Memory) -> Decision {
     let meta = delivery.meta;
-    if meta.reply_to.is_none() {
+    let Some(reply_to) = meta.reply_to.as_deref() else {
         return Decision::NoReplyTo;
+    };
+    if let Err(refusal) = rules.reply_to.check(reply_to) {
+        return Decision::ReplyToRefused(refusal);
     }
     if meta.expired(delivery.now_ms) {
         return Decision::Expired;
+    }
+    if let Err(denied) = caller_allowed(rules, meta) {
+        return Decision::Answer {
+            reply: Arc::new(Err(denied)),
+            remember: None,
+        };
     }
     let Some(key) = Idempotency::key(meta, delivery.body) else {
         return match check(rules, meta, delivery.body) {
@@ -205,6 +224,33 @@ fn check(rules: &Rules<'_>, meta: &RequestMeta, body: &[u8]) -> Checked {
             work,
             limit: method.limit().cloned(),
         }),
+    }
+}
+
+/// Whether the request's caller may call its method: only methods listed in `service.callers`
+/// check, against the `user_id` the broker validated (it refuses a publish whose `user_id`
+/// is not the connection's user, unless that user is tagged `impersonator`).
+fn caller_allowed(rules: &Rules<'_>, meta: &RequestMeta) -> Result<(), RequestError> {
+    let Some(allowed) = rules.callers.get(&meta.method) else {
+        return Ok(());
+    };
+    match meta.user_id.as_deref() {
+        Some(user) if allowed.iter().any(|a| a == user) => Ok(()),
+        Some(user) => Err(RequestError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "user {:?} may not call {:?}",
+                truncate(user, 64),
+                meta.method
+            ),
+        )),
+        None => Err(RequestError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "{:?} answers only known callers: set user_id to the user you connect as",
+                meta.method
+            ),
+        )),
     }
 }
 
@@ -289,7 +335,8 @@ pub fn panicked() -> RequestError {
     RequestError::new(ErrorCode::Internal, "the handler failed unexpectedly")
 }
 
-fn truncate(s: &str, max: usize) -> &str {
+/// At most `max` characters of `s`: for caller-chosen text in messages and logs.
+pub fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,

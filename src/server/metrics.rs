@@ -17,22 +17,43 @@ pub const UNKNOWN_METHOD_LABEL: &str = "unknown";
 
 /// Why a request could not be answered at all: `amqp_rpc_rejected_total{reason}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Rejected {
     /// No `reply_to`: nobody to answer.
     NoReplyTo,
     /// Publishing the reply broke the (wary) reply link: the caller is gone.
     ReplyToUnreachable,
+    /// A `reply_to` that `service.reply_to` does not allow.
+    ReplyToRefused,
+    /// A `reply_to` that claims to be a direct reply-to address and is not shaped like one.
+    ReplyToMalformed,
+}
+
+impl From<crate::reply_to::Refusal> for Rejected {
+    fn from(refusal: crate::reply_to::Refusal) -> Self {
+        match refusal {
+            crate::reply_to::Refusal::NotAllowed => Rejected::ReplyToRefused,
+            crate::reply_to::Refusal::MalformedDirect => Rejected::ReplyToMalformed,
+        }
+    }
 }
 
 impl Rejected {
     /// Every reason, exposed at zero from the start.
-    pub const ALL: [Rejected; 2] = [Rejected::NoReplyTo, Rejected::ReplyToUnreachable];
+    pub const ALL: [Rejected; 4] = [
+        Rejected::NoReplyTo,
+        Rejected::ReplyToUnreachable,
+        Rejected::ReplyToRefused,
+        Rejected::ReplyToMalformed,
+    ];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Rejected::NoReplyTo => "no_reply_to",
             Rejected::ReplyToUnreachable => "reply_to_unreachable",
+            Rejected::ReplyToRefused => "reply_to_refused",
+            Rejected::ReplyToMalformed => "reply_to_malformed",
         }
     }
 }

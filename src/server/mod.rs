@@ -5,6 +5,7 @@
 //! shutdown token fires, reconnecting whenever the broker goes away. The binary only wires
 //! these together; tests drive the same code in-process.
 
+use crate::reply_to::ReplyToPolicy;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,8 @@ pub struct Daemon {
     registry: Registry,
     metrics: Metrics,
     methods: Methods,
+    /// `service.reply_to`, parsed once.
+    reply_to: ReplyToPolicy,
     ready: watch::Sender<bool>,
     liveness: Liveness,
     http: Option<(TcpListener, SocketAddr)>,
@@ -56,6 +59,11 @@ impl Daemon {
     /// Validate the config, register the metrics into `registry`, bind the HTTP listener.
     pub async fn start(config: Config, registry: Registry) -> Result<Self, Error> {
         config.validate()?;
+        let reply_to = ReplyToPolicy::parse(&config.service.reply_to).map_err(|e| {
+            Error::Config(crate::config::ConfigError {
+                problems: vec![format!("service.reply_to: {e}")],
+            })
+        })?;
         let metrics = Metrics::register(&registry)?;
         let http = match config.http.listen.as_str() {
             "" => None,
@@ -66,6 +74,7 @@ impl Daemon {
             registry,
             metrics,
             methods: Methods::default(),
+            reply_to,
             ready: watch::Sender::new(false),
             liveness: Liveness::default(),
             http,
@@ -76,6 +85,15 @@ impl Daemon {
     /// `unknown_method`. `service.default_method`, when set, overrides the set's own default
     /// (see [`Methods::default_method`]) and must name one of them.
     pub fn with_methods(mut self, methods: Methods) -> Result<Self, Error> {
+        let unserved: Vec<_> = (self.config.service.callers.keys())
+            .filter(|name| methods.get(name).is_none() || name.is_empty())
+            .map(|name| format!("service.callers: {name:?} is not a method this daemon serves"))
+            .collect();
+        if !unserved.is_empty() {
+            return Err(Error::Config(crate::config::ConfigError {
+                problems: unserved,
+            }));
+        }
         let default = &self.config.service.default_method;
         self.methods = match default.as_str() {
             "" => methods,
@@ -169,6 +187,7 @@ impl Daemon {
             let parts = session::Parts {
                 config: &self.config,
                 methods: &self.methods,
+                reply_to: &self.reply_to,
                 metrics: &self.metrics,
                 ready: &self.ready,
                 cpu: cpu.clone(),

@@ -78,6 +78,9 @@ pub(super) async fn answer(
     }
     match publish_wary(ctx, reply_to, meta, result, remaining).await {
         Ok(()) => {
+            if ctx.confirm_replies {
+                ctx.known_nodes.learned(reply_to); // confirmed: its node is running
+            }
             answered.inc();
             ack(ctx, delivery);
         }
@@ -185,6 +188,14 @@ fn wary(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) -> bool {
         || ctx
             .wary_until
             .is_some_and(|until| tokio::time::Instant::now() < until)
+        // A node this session has not replied to yet may not be running (see
+        // `reply_to::KnownNodes`). Without confirms nothing would tell that it is, so then
+        // only the rules above apply.
+        || (ctx.confirm_replies
+            && meta
+                .reply_to
+                .as_deref()
+                .is_some_and(|to| ctx.known_nodes.risky(to)))
 }
 
 /// The reply's body and properties: a success reply carries its method's content type.
@@ -266,6 +277,12 @@ async fn send(
 pub(super) async fn give_back(ctx: &RequestCtx, meta: &RequestMeta, delivery: &Delivery) {
     let remaining = meta.remaining(now_epoch_ms());
     if let Drained::Refuse { reply_to, error } = drained(meta, remaining) {
+        if let Err(refusal) = ctx.reply_to.check(reply_to) {
+            // Never published to; another worker would refuse it as well.
+            ctx.metrics.reject(Rejected::from(refusal));
+            ack(ctx, delivery);
+            return;
+        }
         // Waited for here, not settled later: the drain closes the connection soon after.
         let published = match wary(ctx, meta, delivery) {
             true => publish_wary(ctx, reply_to, meta, &error, remaining)

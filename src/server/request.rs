@@ -37,12 +37,20 @@ pub async fn handle(ctx: Arc<RequestCtx>, delivery: Delivery) {
         attempt = meta.delivery_count.map_or(1, |c| c + 1),
         redelivered = tracing::field::Empty,
         traceparent = tracing::field::Empty,
+        user_id = tracing::field::Empty,
+        app_id = tracing::field::Empty,
     );
     if delivery.redelivered {
         span.record("redelivered", true);
     }
     if let Some(traceparent) = meta.traceparent.as_deref() {
         span.record("traceparent", traceparent);
+    }
+    if let Some(user_id) = meta.user_id.as_deref() {
+        span.record("user_id", user_id);
+    }
+    if let Some(app_id) = meta.app_id.as_deref() {
+        span.record("app_id", decide::truncate(app_id, 64));
     }
     async move {
         ctx.metrics.in_flight.inc();
@@ -72,11 +80,25 @@ async fn handle_inner(ctx: &RequestCtx, meta: &RequestMeta, delivery: Delivery, 
         methods: &ctx.methods,
         max_body_bytes: ctx.max_body_bytes,
         max_deliveries: ctx.max_deliveries,
+        reply_to: &ctx.reply_to,
+        callers: &ctx.callers,
     };
     match decide(&delivered, &rules, ctx.idempotency.as_ref()) {
         Decision::NoReplyTo => {
             tracing::warn!("request without reply_to: nobody to answer, dropping");
             ctx.metrics.reject(Rejected::NoReplyTo);
+            reply::ack(ctx, &delivery);
+        }
+        Decision::ReplyToRefused(refusal) => {
+            tracing::warn!(
+                reply_to = meta
+                    .reply_to
+                    .as_deref()
+                    .map(|r| decide::truncate(r, 64))
+                    .unwrap_or(""),
+                "{refusal}: acked without work or reply"
+            );
+            ctx.metrics.reject(Rejected::from(refusal));
             reply::ack(ctx, &delivery);
         }
         Decision::Expired => expired(ctx, &delivery),

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::liveness::{Liveness, BEAT_EVERY};
 use crate::queue::{declare_dead_letter_queue, ensure_service_queue, meaning};
+use crate::reply_to::{KnownNodes, ReplyToPolicy};
 use crate::server::ctx::RequestCtx;
 use crate::server::idempotency::Idempotency;
 use crate::server::ledger::Ledger;
@@ -38,6 +39,7 @@ const WARY_AFTER_LOSS: Duration = Duration::from_secs(10);
 pub(super) struct Parts<'a> {
     pub config: &'a Config,
     pub methods: &'a Methods,
+    pub reply_to: &'a ReplyToPolicy,
     pub metrics: &'a Metrics,
     pub ready: &'a watch::Sender<bool>,
     pub cpu: Arc<Semaphore>,
@@ -114,6 +116,10 @@ pub(super) async fn serve(
         Ok(connector) => ReplyLink::new(connector, service.confirm_replies),
         Err(e) => return End::Fatal(e.into()),
     };
+    let known_nodes = KnownNodes::default();
+    if service.confirm_replies {
+        known_nodes.learn_own_node(conn).await;
+    }
     let session_lost = CancellationToken::new();
     let closing = CancellationToken::new();
     let abandon = CancellationToken::new();
@@ -142,6 +148,9 @@ pub(super) async fn serve(
         abandon: abandon.clone(),
         idempotency: parts.idempotency.clone(),
         max_deliveries: service.max_deliveries,
+        reply_to: parts.reply_to.clone(),
+        known_nodes,
+        callers: service.callers.clone(),
         dead_letter_queue: service.dead_letter_queue.clone(),
         settler,
         ledger,

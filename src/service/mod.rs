@@ -29,6 +29,7 @@ pub type BlockingWork = Box<dyn FnOnce(Request) -> Result<Vec<u8>, RequestError>
 pub type AsyncWork = Box<dyn FnOnce(Request) -> BoxReply + Send + 'static>;
 
 /// What [`Method::prepare`] hands back once the input is known to be valid.
+#[non_exhaustive]
 pub enum Work {
     /// The answer, computed inline because it was cheap.
     Done(Vec<u8>),

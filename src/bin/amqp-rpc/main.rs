@@ -61,6 +61,14 @@ struct Target {
     /// of the runtime (`amqp.io_thread`); slower, for comparison.
     #[arg(long)]
     io_thread: bool,
+    /// Send the URL's user as every request's `user_id` (the broker checks it), for methods
+    /// a daemon answers only for some callers (`service.callers`).
+    #[arg(long)]
+    identify: bool,
+    /// Publish requests in confirm mode, so a request the queue refuses (`x-overflow =
+    /// reject-publish` at its length limit) fails at once (exit 6) instead of at the timeout.
+    #[arg(long)]
+    publisher_confirms: bool,
 }
 
 impl Target {
@@ -191,6 +199,8 @@ fn client(target: &Target) -> Result<Client, CallError> {
         .amqp(amqp)
         .queue(target.queue.as_str())
         .timeout(target.timeout)
+        .identify(target.identify)
+        .publisher_confirms(target.publisher_confirms)
         .build()
 }
 
@@ -223,7 +233,8 @@ async fn call(method: String, arg: String, target: Target) -> u8 {
                 CallError::NoServer { .. } => exit::NO_SERVER,
                 CallError::Timeout(_) => exit::TIMEOUT,
                 CallError::Remote { .. } => exit::REMOTE,
-                CallError::ConnectionLost | CallError::Unavailable(_) => exit::UNAVAILABLE,
+                // ConnectionLost, Unavailable, and whatever the library adds later.
+                _ => exit::UNAVAILABLE,
             };
             match &e {
                 CallError::Remote { code, message } => eprintln!("error: {code}: {message}"),

@@ -33,8 +33,8 @@ pub fn init(log: &LogConfig, secrets: Vec<String>) -> Result<(), String> {
         .with_ansi(io::stderr().is_terminal())
         .log_internal_errors(false);
     let result = match log.format {
-        LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        _ => builder.try_init(), // text, and any format the library adds later
     };
     result.map_err(|e| e.to_string())
 }

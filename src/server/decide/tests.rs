@@ -9,6 +9,9 @@ use crate::service::Method;
 const NOW: u64 = 1_764_572_400_000;
 const MAX_BODY: usize = 16;
 const MAX_DELIVERIES: u32 = 3;
+/// A direct reply-to address of the shape brokers hand out.
+const DIRECT: &str =
+    "amq.rabbitmq.reply-to.g1h2AA1yZXBseUA5MjQ4ODg0AAA8DQAAAABrDsDK.2CUud3s79kInSgWszR/mDw==";
 
 /// A method whose `prepare` is a plain function.
 struct Test {
@@ -39,6 +42,12 @@ fn methods() -> Methods {
             Err(RequestError::new(ErrorCode::Unavailable, "busy"))
         }))
         .with(method("panics", |_| panic!("a bug in prepare")))
+        .with(method("guarded", |body| Ok(Work::Done(body.to_vec()))))
+}
+
+/// `service.callers` of these tests: `guarded` answers alice only.
+fn callers() -> HashMap<String, Vec<String>> {
+    HashMap::from([("guarded".to_owned(), vec!["alice".to_owned()])])
 }
 
 /// The reply cache as the decision sees it, counting what it is asked.
@@ -85,7 +94,7 @@ impl Memory for Fake {
 /// A request for `method` as a fresh publish with a `correlation_id` and no `message_id`.
 fn meta(method: &str) -> RequestMeta {
     RequestMeta {
-        reply_to: Some("amq.rabbitmq.reply-to.abc".into()),
+        reply_to: Some(DIRECT.into()),
         correlation_id: Some("1".into()),
         method: method.into(),
         ..RequestMeta::default()
@@ -125,6 +134,8 @@ fn decide_among(
         methods,
         max_body_bytes: MAX_BODY,
         max_deliveries: MAX_DELIVERIES,
+        reply_to: &ReplyToPolicy::default(),
+        callers: &callers(),
     };
     decide(&delivered, &rules, memory)
 }
@@ -311,7 +322,7 @@ fn an_unknown_method_is_named_with_the_served_ones() {
     assert_eq!(e.code, ErrorCode::UnknownMethod);
     assert_eq!(
         e.message,
-        "unknown method \"nope\"; this server has: busy, heavy, inline, panics, refuse"
+        "unknown method \"nope\"; this server has: busy, guarded, heavy, inline, panics, refuse"
     );
     let e = error(first(&named(&"é".repeat(100)), b"x"));
     let cut = format!("unknown method \"{}\";", "é".repeat(64));
@@ -325,7 +336,7 @@ fn a_request_naming_no_method_without_a_default_is_told_so() {
     assert_eq!(
         e.message,
         "the request names no method (`type`) and this server has no default method; \
-         name one of: busy, heavy, inline, panics, refuse"
+         name one of: busy, guarded, heavy, inline, panics, refuse"
     );
     let memory = Fake::attempt(1);
     let e = error(decide_among(
@@ -388,7 +399,7 @@ fn a_drain_requeues_unless_too_little_time_is_left() {
     let short = Some(REQUEUE_MIN_REMAINING - Duration::from_millis(1));
     match drained(&m, short) {
         Drained::Refuse { reply_to, error } => {
-            assert_eq!(reply_to, "amq.rabbitmq.reply-to.abc");
+            assert_eq!(reply_to, DIRECT);
             assert_eq!(error.unwrap_err().code, ErrorCode::Unavailable);
         }
         other => panic!("{other:?}"),
@@ -398,4 +409,52 @@ fn a_drain_requeues_unless_too_little_time_is_left() {
         ..m
     };
     assert!(matches!(drained(&nobody, short), Drained::Requeue));
+}
+
+#[test]
+fn a_reply_to_the_policy_refuses_is_never_answered_nor_looked_up() {
+    for (to, refusal) in [
+        ("billing", Refusal::NotAllowed),
+        ("amq.rabbitmq.reply-to.AAAA.BBBB", Refusal::MalformedDirect),
+    ] {
+        let m = RequestMeta {
+            reply_to: Some(to.into()),
+            ..named("inline")
+        };
+        let memory = Fake::attempt(1);
+        let d = decide_on(&m, b"x", true, &memory);
+        assert!(
+            matches!(d, Decision::ReplyToRefused(r) if r == refusal),
+            "{to}: {d:?}"
+        );
+        assert_eq!(
+            (memory.asked_cache.get(), memory.asked_attempt.get()),
+            (0, 0)
+        );
+    }
+}
+
+#[test]
+fn a_guarded_method_answers_its_callers_and_denies_the_rest_before_the_cache() {
+    let as_user = |user: Option<&str>| RequestMeta {
+        user_id: user.map(str::to_owned),
+        ..named("guarded")
+    };
+    for user in [None, Some("bob")] {
+        // Even a cached reply of the same call is not handed to a caller who may not call.
+        let memory = Fake {
+            cached: Some(Arc::new(Ok(b"secret".to_vec()))),
+            ..Fake::attempt(1)
+        };
+        let (reply, remember) = answer(decide_on(&as_user(user), b"x", true, &memory));
+        let err = reply.unwrap_err();
+        assert_eq!(err.code, ErrorCode::PermissionDenied, "{user:?}");
+        assert!(remember.is_none());
+        assert_eq!(memory.asked_cache.get(), 0, "{user:?}");
+    }
+    let (reply, _) = answer(first(&as_user(Some("alice")), b"x"));
+    assert_eq!(reply.unwrap(), b"x");
+    // Methods not listed answer anyone.
+    let (reply, _) = answer(first(&named("inline"), b"y"));
+    assert_eq!(reply.unwrap(), b"y");
 }
