@@ -21,7 +21,7 @@
 //! - `bare`: a direct reply-to client over plain lapin (`ConnectionProperties::default()`,
 //!   so lapin's own I/O thread), as `examples/bare_echo.rs`'s: one channel, a pending map, a
 //!   router task, a uuid per call, `type` = the method. No deadline, confirm or mandatory.
-//! - `bare+task`, `bare+confirm`, `bare+meta`, `bare+nowait` and any combination
+//! - `bare+task`, `bare+confirm`, `bare+mandatory`, `bare+meta`, `bare+nowait` and any combination
 //!   (`bare+task+confirm+meta+nowait` sends what the library sends, the way it sends it): the
 //!   bare client with, one at a time, what the library does differently. `task` runs the
 //!   socket loop as a task of the runtime (vendored lapin's option); `confirm` puts the
@@ -163,6 +163,7 @@ impl System {
                     match *flag {
                         "task" => features.task = true,
                         "confirm" => features.confirm = true,
+                        "mandatory" => features.mandatory = true,
                         "meta" => features.meta = true,
                         "nowait" => features.nowait = true,
                         _ => return Err(unknown(flag)),
@@ -174,7 +175,7 @@ impl System {
                 Ok(System::Bare(bare))
             }
             _ => Err(format!(
-                "unknown system {name:?}: lib[+thread] or bare[+task][+confirm][+meta][+nowait]"
+                "unknown system {name:?}: lib[+thread] or bare[+task][+confirm][+mandatory][+meta][+nowait]"
             )),
         }
     }
@@ -213,6 +214,8 @@ impl System {
 struct Features {
     task: bool,
     confirm: bool,
+    /// `mandatory` without confirm mode (confirm mode implies it).
+    mandatory: bool,
     meta: bool,
     nowait: bool,
 }
@@ -312,7 +315,7 @@ impl Bare {
                 .with_headers(headers);
         }
         let options = BasicPublishOptions {
-            mandatory: self.features.confirm,
+            mandatory: self.features.confirm || self.features.mandatory,
             ..BasicPublishOptions::default()
         };
         let publish = {
