@@ -27,6 +27,8 @@ pub struct HttpState {
     pub registry: Registry,
     /// True while connected, consuming and not draining.
     pub ready: watch::Receiver<bool>,
+    /// The broker's reason while it blocks the daemon's connection.
+    pub blocked: watch::Receiver<Option<String>>,
     /// Whether the work loop is alive, for `/healthz`.
     pub liveness: Liveness,
 }
@@ -96,9 +98,16 @@ async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    if let Some(reason) = state.blocked.borrow().as_deref() {
+        // Requests are still taken, but no reply can leave until the broker's alarm clears.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("blocked by the broker: {reason}\n"),
+        );
+    }
     if *state.ready.borrow() {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
     }
 }

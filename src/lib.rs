@@ -68,6 +68,9 @@ pub mod amqp;
 pub mod client;
 pub mod config;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod liveness;
 pub mod protocol;

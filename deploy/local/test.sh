@@ -192,6 +192,17 @@ for b in "${brokers[@]}"; do
     banner "${results[-1]}"
 done
 
+# The fuzz targets, a short run each (deploy/local/fuzz.sh; FUZZ_SECS, default 30).
+if [ $# -eq 0 ]; then
+    banner "fuzz"
+    if deploy/local/fuzz.sh; then
+        results+=("fuzz: no failure in ${FUZZ_SECS:-30} s per target")
+    else
+        results+=("fuzz: FAILED")
+        failed=1
+    fi
+fi
+
 step "summary"
 printf '%s\n' "${results[@]}"
 if [ $failed -ne 0 ]; then

@@ -129,6 +129,8 @@ impl Inner {
                     started.elapsed() + pause < NO_SERVER_RETRY_WINDOW
                         || target.state.served_within(&self.shared, SERVED_RECENTLY)
                 }
+                // Blocked is said at once: the alarm lasts until an operator acts.
+                Err(CallError::Blocked(_)) => false,
                 Err(e) => e.is_connection_lost() || e.is_unavailable(),
                 Ok(_) => false,
             };
@@ -176,6 +178,9 @@ impl Inner {
             message_id,
         } = request;
         let session = self.session(deadline).await?;
+        if let Some(reason) = self.shared.blocked() {
+            return Err(CallError::Blocked(reason));
+        }
         session
             .check_server(&target.queue, &target.state, &self.shared)
             .await?;

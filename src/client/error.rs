@@ -26,6 +26,12 @@ pub enum CallError {
     /// The broker could not be reached (or refused the request) before the deadline.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The broker blocks this client's connection (a memory or disk alarm: it takes no
+    /// publishes until the alarm clears); the call was not sent. A kind of unavailability
+    /// ([`is_unavailable`](Self::is_unavailable)), reported at once rather than at the deadline,
+    /// with the broker's reason.
+    #[error("broker unavailable: it blocked the connection ({0})")]
+    Blocked(String),
     /// The server answered with an error reply.
     #[error("remote error {code}: {message}")]
     Remote {
@@ -63,7 +69,7 @@ impl CallError {
 
     /// The broker could not be reached.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, CallError::Unavailable(_))
+        matches!(self, CallError::Unavailable(_) | CallError::Blocked(_))
             || self.remote_code() == Some(ErrorCode::Unavailable)
     }
 
@@ -85,12 +91,12 @@ impl CallError {
     pub fn is_retryable(&self) -> bool {
         match self {
             CallError::Timeout(_) | CallError::NoServer { .. } => true,
-            CallError::ConnectionLost | CallError::Unavailable(_) => true,
+            CallError::ConnectionLost | CallError::Unavailable(_) | CallError::Blocked(_) => true,
             CallError::Remote { code, .. } => code.is_retryable(),
         }
     }
 
-    /// A short stable name: `timeout`, `no_server`, `connection_lost`, `unavailable`, or the
+    /// A short stable name: `timeout`, `no_server`, `connection_lost`, `unavailable`, `blocked`, or the
     /// remote error code. Used for counting (bench) and exit codes (CLI).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -98,6 +104,7 @@ impl CallError {
             CallError::NoServer { .. } => "no_server",
             CallError::ConnectionLost => "connection_lost",
             CallError::Unavailable(_) => "unavailable",
+            CallError::Blocked(_) => "blocked",
             CallError::Remote { code, .. } => code.as_str(),
         }
     }
@@ -124,5 +131,8 @@ mod tests {
         };
         assert!(ns.is_no_server() && !ns.is_timeout() && ns.kind() == "no_server");
         assert!(CallError::ConnectionLost.is_connection_lost());
+        let blocked = CallError::Blocked("low on memory".into());
+        assert!(blocked.is_unavailable() && blocked.kind() == "blocked");
+        assert!(blocked.to_string().contains("low on memory"), "{blocked}");
     }
 }

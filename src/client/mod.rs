@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::Connector;
 use crate::config::AmqpConfig;
 
+mod alarm;
 mod call;
 mod error;
 mod ids;
@@ -361,6 +362,28 @@ impl Client {
     /// The default service queue: the one [`Client`]'s own call methods call.
     pub fn queue(&self) -> &str {
         &self.inner.default.queue
+    }
+}
+
+/// The fuzz target's view of reply handling (see `crate::fuzzing`): a call waits for id `1`,
+/// and the same reply arrives twice.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn fuzz_reply(props: lapin::BasicProperties, body: Vec<u8>) {
+    let shared = Arc::new(Shared::default());
+    let (_guard, mut waiting) = shared.register("1".into());
+    session::dispatch(&shared, &props, body.clone());
+    session::dispatch(&shared, &props, body);
+    let for_us = props.correlation_id().as_ref().map(|s| s.as_str()) == Some("1");
+    let late = shared.late_replies.load(Ordering::Relaxed);
+    match waiting.try_recv() {
+        Ok(result) => {
+            assert!(for_us, "another request's reply reached the call");
+            assert_eq!(late, 1, "the copy is counted late");
+            if let Err(e) = result {
+                assert!(e.is_remote(), "{e:?}");
+            }
+        }
+        Err(_) => assert!(!for_us && late == 2, "a reply for the call was lost"),
     }
 }
 

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -20,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{jittered, probe_queue, Connector, QueueProbe};
+use crate::client::alarm;
 use crate::client::shared::{LastProbe, QueueState, Shared};
 use crate::client::CallError;
 use crate::protocol::{header_str, ErrorCode, DIRECT_REPLY_TO, ERROR_CODE_HEADER};
@@ -235,9 +235,12 @@ pub(crate) async fn supervise(
             shared.reconnects.fetch_add(1, Ordering::Relaxed);
         }
         connected_before = true;
+        let mut events: alarm::Events = Box::pin(session.conn.events_listener());
+        alarm::probe(&session.channel, &mut events, &shared).await;
         sessions.send_replace(Some(session.clone()));
-        let reason = route(&session, consumer, &shared, &cancel).await;
+        let reason = route(&session, consumer, events, &shared, &cancel).await;
         sessions.send_replace(None);
+        shared.set_blocked(None); // a new connection starts unblocked
         shared.fail_all(&CallError::ConnectionLost);
         if cancel.is_cancelled() {
             let _ = tokio::time::timeout(
@@ -261,6 +264,7 @@ pub(crate) async fn supervise(
 async fn route(
     session: &Session,
     mut consumer: Consumer,
+    mut events: alarm::Events,
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> String {
@@ -270,8 +274,11 @@ async fn route(
         tokio::select! {
             _ = cancel.cancelled() => return "client dropped".into(),
             _ = collect.tick(), if !session.confirms => session.collect_returns(shared),
+            // A memory or disk alarm: calls fail at once until it clears (calls already
+            // published end by their deadlines, as their requests wait at the broker).
+            Some(event) = events.next() => alarm::on_event(shared, event),
             next = consumer.next() => match next {
-                Some(Ok(delivery)) => dispatch(shared, delivery),
+                Some(Ok(delivery)) => dispatch(shared, &delivery.properties, delivery.data),
                 Some(Err(e)) => return format!("reply consumer error: {e}"),
                 None => return "reply consumer cancelled".into(),
             },
@@ -279,9 +286,9 @@ async fn route(
     }
 }
 
-fn dispatch(shared: &Shared, delivery: Delivery) {
-    let id = delivery
-        .properties
+/// Hand a reply to the call waiting for its `correlation_id`, or count it late.
+pub(super) fn dispatch(shared: &Shared, properties: &lapin::BasicProperties, data: Vec<u8>) {
+    let id = properties
         .correlation_id()
         .as_ref()
         .map(|s| s.as_str())
@@ -292,11 +299,11 @@ fn dispatch(shared: &Shared, delivery: Delivery) {
         tracing::debug!(correlation_id = id, "dropping a reply nobody waits for");
         return;
     };
-    let headers = delivery.properties.headers().as_ref();
+    let headers = properties.headers().as_ref();
     let result = match header_str(headers, ERROR_CODE_HEADER) {
-        None => Ok(delivery.data),
+        None => Ok(data),
         Some(code) => {
-            let message = String::from_utf8_lossy(&delivery.data).into_owned();
+            let message = String::from_utf8_lossy(&data).into_owned();
             Err(match code.parse::<ErrorCode>() {
                 Ok(code) => CallError::Remote { code, message },
                 Err(_) => CallError::Remote {

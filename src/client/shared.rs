@@ -34,6 +34,10 @@ pub(crate) struct Shared {
     pub late_replies: AtomicU64,
     pub reconnects: AtomicU64,
     pub last_error: Mutex<String>,
+    /// The broker's reason while it blocks the connection; `is_blocked` is the lock-free
+    /// look every call takes.
+    blocked: Mutex<Option<String>>,
+    is_blocked: std::sync::atomic::AtomicBool,
     created: Instant,
     /// What the client knows about each service queue it calls, by name, bounded.
     queues: Cache<String, Arc<QueueState>>,
@@ -53,6 +57,8 @@ impl Default for Shared {
             late_replies: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             last_error: Mutex::default(),
+            blocked: Mutex::default(),
+            is_blocked: Default::default(),
             created: Instant::now(),
             queues: Cache::with_options(
                 options,
@@ -155,6 +161,21 @@ impl Shared {
         let drained: Vec<_> = self.pending.lock().expect("pending lock").drain().collect();
         for (_, tx) in drained {
             let _ = tx.send(Err(error.clone()));
+        }
+    }
+
+    /// The broker blocked (`Some(reason)`) or unblocked (`None`) the connection.
+    pub(super) fn set_blocked(&self, reason: Option<String>) {
+        let mut blocked = self.blocked.lock().expect("blocked lock");
+        self.is_blocked.store(reason.is_some(), Ordering::Relaxed);
+        *blocked = reason;
+    }
+
+    /// The broker's reason, while it blocks the connection.
+    pub(super) fn blocked(&self) -> Option<String> {
+        match self.is_blocked.load(Ordering::Relaxed) {
+            false => None,
+            true => self.blocked.lock().expect("blocked lock").clone(),
         }
     }
 

@@ -88,6 +88,9 @@ pub struct Metrics {
     pub reply_publish_failures: IntCounter,
     /// `amqp_rpc_connection_up`: 1 while connected and consuming.
     pub connection_up: IntGauge,
+    /// `amqp_rpc_connection_blocked`: 1 while the broker blocks the connection (a memory or
+    /// disk alarm): replies cannot be published until it ends.
+    pub connection_blocked: IntGauge,
     /// `amqp_rpc_reconnects_total`.
     pub reconnects: IntCounter,
     /// `amqp_rpc_ack_frames_total`: `basic.ack` frames sent (see `ledger.rs`).
@@ -148,6 +151,10 @@ impl Metrics {
                 "amqp_rpc_connection_up",
                 "1 while connected to the broker and consuming",
             )?,
+            connection_blocked: IntGauge::new(
+                "amqp_rpc_connection_blocked",
+                "1 while the broker blocks the connection (memory or disk alarm)",
+            )?,
             reconnects: IntCounter::new(
                 "amqp_rpc_reconnects_total",
                 "Broker connections re-established after a loss",
@@ -176,6 +183,7 @@ impl Metrics {
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.reply_publish_failures.clone()))?;
         registry.register(Box::new(m.connection_up.clone()))?;
+        registry.register(Box::new(m.connection_blocked.clone()))?;
         registry.register(Box::new(m.reconnects.clone()))?;
         registry.register(Box::new(m.ack_frames.clone()))?;
         registry.register(Box::new(build_info))?;

@@ -23,8 +23,8 @@ use crate::service::Methods;
 use idempotency::Idempotency;
 
 mod ctx;
-mod decide;
-mod idempotency;
+pub(crate) mod decide;
+pub(crate) mod idempotency;
 mod ledger;
 pub mod metrics;
 mod reply;
@@ -51,6 +51,8 @@ pub struct Daemon {
     /// `service.reply_to`, parsed once.
     reply_to: ReplyToPolicy,
     ready: watch::Sender<bool>,
+    /// The broker's reason while it blocks the connection (`connection.blocked`).
+    blocked: watch::Sender<Option<String>>,
     liveness: Liveness,
     http: Option<(TcpListener, SocketAddr)>,
 }
@@ -76,6 +78,7 @@ impl Daemon {
             methods: Methods::default(),
             reply_to,
             ready: watch::Sender::new(false),
+            blocked: watch::Sender::new(None),
             liveness: Liveness::default(),
             http,
         })
@@ -140,6 +143,7 @@ impl Daemon {
             let state = HttpState {
                 registry: self.registry.clone(),
                 ready: self.ready.subscribe(),
+                blocked: self.blocked.subscribe(),
                 liveness: self.liveness.clone(),
             };
             http::serve(listener, state, http_stop.clone())
@@ -190,6 +194,7 @@ impl Daemon {
                 reply_to: &self.reply_to,
                 metrics: &self.metrics,
                 ready: &self.ready,
+                blocked: &self.blocked,
                 cpu: cpu.clone(),
                 idempotency: idempotency.clone(),
                 liveness: &self.liveness,

@@ -42,6 +42,7 @@ pub(super) struct Parts<'a> {
     pub reply_to: &'a ReplyToPolicy,
     pub metrics: &'a Metrics,
     pub ready: &'a watch::Sender<bool>,
+    pub blocked: &'a watch::Sender<Option<String>>,
     pub cpu: Arc<Semaphore>,
     pub idempotency: Arc<Idempotency>,
     pub liveness: &'a Liveness,
@@ -163,11 +164,15 @@ pub(super) async fn serve(
 
     let tracker = TaskTracker::new();
     let mut beat = tokio::time::interval(BEAT_EVERY);
+    let mut events = std::pin::pin!(conn.events_listener());
+    let mut alarm_probe = tokio::time::interval(ALARM_PROBE_EVERY);
     let lost = loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break None,
             _ = beat.tick() => parts.liveness.beat(),
+            Some(event) = events.next() => alarm(&parts, event),
+            _ = alarm_probe.tick() => probe_alarm(&consume),
             _ = ctx.session_lost.cancelled() => break Some("a reply could not be published".to_owned()),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
@@ -182,6 +187,9 @@ pub(super) async fn serve(
     parts.ready.send_replace(false);
     parts.metrics.connection_up.set(0);
     parts.liveness.set_consuming(false);
+    if parts.blocked.send_replace(None).is_some() {
+        parts.metrics.connection_blocked.set(0); // a new connection starts unblocked
+    }
     tracker.close();
     if let Some(reason) = lost {
         // In-flight tasks may still finish; their acks go to a dead channel and fail, and the
@@ -238,4 +246,43 @@ pub(super) async fn serve(
     } else {
         Err(Error::DrainTimeout(unfinished))
     })
+}
+
+/// How often the daemon publishes an empty message nobody receives, so that the broker, which
+/// tells a connection of an alarm only when it publishes, tells an idle daemon too.
+const ALARM_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Publish the alarm probe (to a reserved `amq.` name no queue can have: dropped by the
+/// default exchange) on the consume channel, which is never in confirm mode. Started, not
+/// awaited: while the broker blocks the connection nothing it writes is read anyway.
+fn probe_alarm(channel: &lapin::Channel) {
+    let _ = crate::publish::Publish::start(
+        channel,
+        "amq.amqp-rpc.alarm-probe".into(),
+        Default::default(),
+        Vec::new(),
+        Default::default(),
+    );
+}
+
+/// The broker blocks a connection that publishes while a memory or disk alarm is on
+/// (`connection.blocked`), and unblocks it when the alarm clears. Requests keep arriving and
+/// their work runs, but no reply leaves until then, so the callers' deadlines may pass: said
+/// here, in `amqp_rpc_connection_blocked` and in `/readyz`, so an operator can tell why calls
+/// time out. Nothing else changes: the consume loop keeps beating (an alarm must not get the
+/// daemon restarted by its own liveness probe) and replies go out when the broker lets them.
+fn alarm(parts: &Parts<'_>, event: lapin::Event) {
+    match event {
+        lapin::Event::ConnectionBlocked(reason) => {
+            tracing::warn!(%reason, "the broker blocked this connection: replies wait until it clears");
+            parts.metrics.connection_blocked.set(1);
+            parts.blocked.send_replace(Some(reason));
+        }
+        lapin::Event::ConnectionUnblocked => {
+            tracing::warn!("the broker unblocked this connection");
+            parts.metrics.connection_blocked.set(0);
+            parts.blocked.send_replace(None);
+        }
+        _ => {}
+    }
 }
