@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """amqp-rpc's client embedded in a `#[tokio::main]` application against a bare lapin client
-in the same application (bench/embedded.rs), calling `amqp-rpcd`'s fib(10).
+in the same application (bench/embedded/), calling `amqp-rpcd`'s fib(10).
 
 Starts `target/release/amqp-rpcd` (no config file: the shipped defaults) on a queue of its
 own, then runs `target/release/examples/embedded_bench` against it with the daemon and the

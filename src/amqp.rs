@@ -123,6 +123,9 @@ pub struct Connector {
     io_thread: bool,
 }
 
+/// The largest frame our connections ask for (see [`Connector::new`]).
+pub const FRAME_MAX: u32 = 16 * 1024;
+
 impl Connector {
     /// Build from the `[amqp]` section; `name` is shown in the broker's connection list.
     pub fn new(amqp: &AmqpConfig, name: &str) -> Result<Self, SetupError> {
@@ -140,6 +143,11 @@ impl Connector {
                         reason: redact_text(&reason),
                     })?;
                 uri.query.heartbeat.get_or_insert(amqp.heartbeat_secs);
+                // lapin gives each connection a read and a write buffer of 32 frames, so the
+                // broker's default frame_max (128 KiB) costs 8 MiB per connection, touched
+                // as it is used. RPC bodies are small (max_body_bytes: 1 KiB by default); a
+                // larger one simply goes in several frames. A URL's own frame_max wins.
+                uri.query.frame_max.get_or_insert(FRAME_MAX);
                 // On the parsed URI, so any character works and a URL without a password
                 // (amqp://user@host) gets it too.
                 if let Some(pw) = &password {

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,49 +15,10 @@ use amqp_rpc::protocol::RequestError;
 use amqp_rpc::service::{blocking, handler, json, Methods, Request, JSON_CONTENT_TYPE};
 use amqp_rpc::{CallError, ErrorCode};
 use common::child::http_get;
+use common::user_methods::{deposit_body, nothing_more, replies, spawn_call, Deposit};
 use common::*;
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Deposit {
-    account: String,
-    cents: u64,
-    /// How long the deposit's await takes (a database write).
-    #[serde(default)]
-    ms: u64,
-}
-
-fn deposit_body(cents: u64, ms: u64) -> Vec<u8> {
-    let d = Deposit {
-        account: "acct".into(),
-        cents,
-        ms,
-    };
-    serde_json::to_vec(&d).unwrap()
-}
-
-/// `n` replies, by correlation id (each id once: a second reply for one fails the test).
-async fn replies(raw: &mut RawRequester, n: usize) -> HashMap<String, RawReply> {
-    let mut by_id = HashMap::new();
-    for _ in 0..n {
-        let reply = raw.next_reply(Duration::from_secs(10)).await;
-        let id = reply.correlation_id.clone().expect("a correlation id");
-        assert!(
-            by_id.insert(id.clone(), reply).is_none(),
-            "two replies to {id}"
-        );
-    }
-    by_id
-}
-
-/// No reply beyond those read: the next one to arrive is a sentinel's (method `raw` echoes).
-async fn nothing_more(raw: &mut RawRequester, queue: &str) {
-    let props = raw.props("sentinel").with_type("raw".into());
-    raw.publish(queue, b"end", props).await;
-    let next = raw.next_reply(Duration::from_secs(10)).await;
-    assert_eq!(next.correlation_id.as_deref(), Some("sentinel"), "{next:?}");
-}
 
 /// Counts its runs and echoes its body.
 fn raw_echo(runs: Arc<AtomicUsize>) -> impl amqp_rpc::service::Method {
@@ -170,7 +130,7 @@ async fn bounds_are_checked_before_any_user_code_runs() {
     );
     assert_eq!(got["c"].body, vec![b'y'; 64]);
     assert_eq!(runs.load(SeqCst), 3);
-    nothing_more(&mut raw, &queue).await;
+    nothing_more(&mut raw, &queue, "raw").await;
     for (method, outcome, n) in [
         ("raw", "resource_exhausted", 1),
         ("deposit", "resource_exhausted", 1),
@@ -300,10 +260,7 @@ async fn the_deadline_stops_async_json_and_blocking_handlers() {
     );
 
     // Waiting for a method's limit counts against the deadline; the handler never starts.
-    let first = tokio::spawn({
-        let client = client.clone();
-        async move { client.call("one", b"").await }
-    });
+    let first = spawn_call(&client, "one");
     wait_until(Duration::from_secs(5), "the first holds the limit", || {
         one_runs.load(SeqCst) == 1
     })

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use amqp_rpc::protocol::RequestError;
 use amqp_rpc::service::{handler, Methods, Request};
 use amqp_rpc::ErrorCode;
+use common::user_methods::spawn_call;
 use common::*;
 use tokio_util::sync::CancellationToken;
 
@@ -134,10 +135,7 @@ async fn grace_runs_out(stops: bool) {
     b.gate.cancel();
     let daemon_a = TestDaemon::start_with(config.clone(), Some(a.methods("A", stops))).await;
     let client = client(&queue, Duration::from_secs(20)).await;
-    let call = tokio::spawn({
-        let client = client.clone();
-        async move { client.call("work", b"").await }
-    });
+    let call = spawn_call(&client, "work");
     wait_until(Duration::from_secs(10), "A runs it", || a.runs() == 1).await;
     let daemon_b = TestDaemon::start_with(config, Some(b.methods("B", stops))).await;
     let err = daemon_a.stop().await.unwrap_err();

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,26 +17,16 @@ use amqp_rpc::protocol::{deadline_header_value, now_epoch_ms, RequestError, DEAD
 use amqp_rpc::service::{handler, json, Methods, Request, JSON_CONTENT_TYPE};
 use amqp_rpc::ErrorCode;
 use common::proxy::{broker_addr, Proxy};
+use common::user_methods::{deposit_body, nothing_more, replies, Deposit};
 use common::*;
 use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Deposit {
-    cents: u64,
-    /// How long the deposit's await takes (a database write).
-    ms: u64,
-}
-
 #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
 struct Receipt {
     balance: u64,
     run: usize,
-}
-
-fn deposit(cents: u64, ms: u64) -> Vec<u8> {
-    serde_json::to_vec(&Deposit { cents, ms }).unwrap()
 }
 
 /// A copy of the call named `message_id`, answered to `id`.
@@ -51,20 +40,6 @@ fn with_deadline(props: BasicProperties, in_ms: u64) -> BasicProperties {
     let deadline = deadline_header_value(now_epoch_ms() + in_ms);
     headers.insert(DEADLINE_HEADER.into(), deadline);
     props.with_headers(headers)
-}
-
-/// `n` replies, by correlation id (a second reply to one id fails the test).
-async fn replies(raw: &mut RawRequester, n: usize) -> HashMap<String, RawReply> {
-    let mut by_id = HashMap::new();
-    for _ in 0..n {
-        let reply = raw.next_reply(Duration::from_secs(10)).await;
-        let id = reply.correlation_id.clone().expect("a correlation id");
-        assert!(
-            by_id.insert(id.clone(), reply).is_none(),
-            "two replies to {id}"
-        );
-    }
-    by_id
 }
 
 #[tokio::test]
@@ -98,7 +73,7 @@ async fn copies_of_a_call_with_side_effects_run_once_and_later_copies_replay() {
 
     // Two copies at once: one run, one side effect, the same reply twice.
     for id in ["a", "b"] {
-        raw.publish(&queue, &deposit(5, 200), copy(&raw, id, "dep-1"))
+        raw.publish(&queue, &deposit_body(5, 200), copy(&raw, id, "dep-1"))
             .await;
     }
     let got = replies(&mut raw, 2).await;
@@ -106,14 +81,14 @@ async fn copies_of_a_call_with_side_effects_run_once_and_later_copies_replay() {
     assert_eq!(got["a"].content_type.as_deref(), Some(JSON_CONTENT_TYPE));
     assert_eq!(receipt(&got["a"]), Receipt { balance: 5, run: 1 });
     // A later copy is answered from the cache.
-    raw.publish(&queue, &deposit(5, 200), copy(&raw, "c", "dep-1"))
+    raw.publish(&queue, &deposit_body(5, 200), copy(&raw, "c", "dep-1"))
         .await;
     let reply = raw.next_reply(Duration::from_secs(10)).await;
     assert_eq!(reply.body, got["a"].body);
     assert_eq!((runs.load(SeqCst), balance.load(SeqCst)), (1, 5));
     assert_eq!(daemon.metrics.replays.get(), 2);
     // The same message_id with another body is another request.
-    raw.publish(&queue, &deposit(7, 0), copy(&raw, "d", "dep-1"))
+    raw.publish(&queue, &deposit_body(7, 0), copy(&raw, "d", "dep-1"))
         .await;
     let other = receipt(&raw.next_reply(Duration::from_secs(10)).await);
     assert_eq!(
@@ -125,7 +100,7 @@ async fn copies_of_a_call_with_side_effects_run_once_and_later_copies_replay() {
     );
     // An application error is a fact about the request: replayed too.
     for id in ["e", "f"] {
-        raw.publish(&queue, &deposit(0, 0), copy(&raw, id, "dep-0"))
+        raw.publish(&queue, &deposit_body(0, 0), copy(&raw, id, "dep-0"))
             .await;
         let reply = raw.next_reply(Duration::from_secs(10)).await;
         assert_eq!(
@@ -137,9 +112,9 @@ async fn copies_of_a_call_with_side_effects_run_once_and_later_copies_replay() {
     assert_eq!((runs.load(SeqCst), daemon.metrics.replays.get()), (3, 3));
     // deadline_exceeded is about its moment: a copy that waited for it runs for itself.
     let short = with_deadline(copy(&raw, "short", "dep-2"), 300);
-    raw.publish(&queue, &deposit(1, 600), short).await;
+    raw.publish(&queue, &deposit_body(1, 600), short).await;
     let long = with_deadline(copy(&raw, "long", "dep-2"), 5_000);
-    raw.publish(&queue, &deposit(1, 600), long).await;
+    raw.publish(&queue, &deposit_body(1, 600), long).await;
     let got = replies(&mut raw, 2).await;
     assert_eq!(got["short"].error_code, Some(ErrorCode::DeadlineExceeded));
     assert_eq!(
@@ -150,11 +125,7 @@ async fn copies_of_a_call_with_side_effects_run_once_and_later_copies_replay() {
         }
     );
     assert_eq!((runs.load(SeqCst), daemon.metrics.replays.get()), (5, 3));
-    // Nothing more: the next reply is a sentinel's.
-    raw.publish(&queue, b"", raw.props("end").with_type("ping".into()))
-        .await;
-    let next = raw.next_reply(Duration::from_secs(10)).await;
-    assert_eq!(next.correlation_id.as_deref(), Some("end"));
+    nothing_more(&mut raw, &queue, "ping").await;
     daemon.expect_requests("deposit", "ok", 5).await;
     daemon
         .expect_requests("deposit", "failed_precondition", 2)

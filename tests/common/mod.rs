@@ -6,6 +6,7 @@ pub mod broker;
 pub mod child;
 pub mod cluster;
 pub mod proxy;
+pub mod user_methods;
 
 // What the binaries own, compiled from their own sources: the demo `fib` method (amqp-rpcd's)
 // and the load generator (amqp-rpc's). Both use only the library's public API.
