@@ -135,8 +135,31 @@ async fn under_load(alarm: Alarm) {
         "took {:?}",
         t1.elapsed()
     );
-    // The load's calls in flight when the alarm went off wait at the broker until their
-    // deadline; every call after that fails at once. Both are seen before the alarm clears.
+    // The CLI, as an operator runs it: exit 6 with the broker's reason, well within its timeout.
+    let t2 = Instant::now();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_amqp-rpc"))
+        .args(["call", "fib", "10", "--timeout", "3s", "--queue", &queue])
+        .env("AMQP_URL", broker.url())
+        .output()
+        .await
+        .expect("amqp-rpc runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "CLI: exit {:?} in {:?}: {}",
+        out.status.code(),
+        t2.elapsed(),
+        stderr.trim()
+    );
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains("blocked") && stderr.contains("low on"),
+        "{stderr}"
+    );
+    assert!(
+        t2.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t2.elapsed()
+    );
     // Blocked, not wedged: the consume loop still beats, so a liveness probe keeps passing.
     let healthz = tokio::process::Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
