@@ -181,9 +181,11 @@ impl Inner {
         if let Some(reason) = self.shared.blocked() {
             return Err(CallError::Blocked(reason));
         }
-        session
-            .check_server(&target.queue, &target.state, &self.shared)
-            .await?;
+        if session.needs_probe(&target.state, &self.shared) {
+            // Boxed: every pending call's future would otherwise be as large as this rare
+            // path's (BENCHMARKS.md, Floods: memory per pending call).
+            Box::pin(session.check_server(&target.queue, &target.state, &self.shared)).await?;
+        }
         let id = self.ids.next();
         let (_guard, mut reply) = self.shared.register(id.clone());
         let mut headers = FieldTable::default();
@@ -267,6 +269,11 @@ impl Inner {
         if let Some(session) = self.sessions.borrow().as_ref() {
             return Ok(session.clone());
         }
+        Box::pin(self.wait_for_session(deadline)).await
+    }
+
+    /// The rare path of [`session`](Self::session): no connection yet, or a reconnect.
+    async fn wait_for_session(&self, deadline: Instant) -> Result<Arc<Session>, CallError> {
         let mut sessions = self.sessions.clone();
         let wait = async {
             sessions

@@ -51,6 +51,12 @@ struct Probe {
 }
 
 impl Session {
+    /// Whether a call must ask [`check_server`](Self::check_server) first: no probe on this
+    /// session said "served" less than `PROBE_TTL` ago. One atomic load.
+    pub fn needs_probe(&self, state: &QueueState, shared: &Shared) -> bool {
+        !state.probed_ok(self.born_ms, shared.now_ms())
+    }
+
     /// Fail fast when nobody serves `queue`: a passive declare, cached per queue for
     /// [`PROBE_TTL`] when it finds consumers. Probe errors other than "missing" are not fatal
     /// (and are cached too): the mandatory flag and the deadline still bound the call.
