@@ -160,6 +160,17 @@ async fn under_load(alarm: Alarm) {
         "took {:?}",
         t2.elapsed()
     );
+    // The load's client has heard it too (it publishes as soon as a call of the load ends):
+    // from then on its callers fail at once, in a tight loop, until the alarm clears.
+    wait_until_async(
+        Duration::from_secs(10),
+        "the load's client is blocked",
+        || {
+            let c = client.clone();
+            async move { matches!(c.call("fib", b"10").await, Err(CallError::Blocked(_))) }
+        },
+    )
+    .await;
     // Blocked, not wedged: the consume loop still beats, so a liveness probe keeps passing.
     let healthz = tokio::process::Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])

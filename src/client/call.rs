@@ -169,6 +169,11 @@ impl Inner {
 
     /// One request/reply exchange, bounded by the caller's deadline.
     async fn attempt(&self, target: &Target, request: Request<'_>) -> Result<Vec<u8>, CallError> {
+        // An attempt may end without awaiting anything (the connection blocked, the queue
+        // known unserved): a caller looping on such failures must still yield, or it starves
+        // the runtime's other tasks, the router that hears of the unblock and the timers of
+        // other calls among them (a blocked load once held a call 7 s past its 3 s deadline).
+        tokio::task::coop::consume_budget().await;
         let Request {
             method,
             body,
