@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use amqp_rpc::{CallError, ErrorCode};
 use common::*;
-use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 
 fn rejected(daemon: &TestDaemon, reason: &str) -> u64 {
@@ -30,24 +29,15 @@ async fn replies_never_go_into_another_services_queue() {
     // would make the daemon write its replies there.
     let queue = unique_queue("deputy");
     let victim = unique_queue("deputy-victim");
-    let (_conn, ch) = declare_queue(&victim).await;
+    let _victim = declare_queue(&victim).await;
     let daemon = TestDaemon::start(test_config(&queue)).await;
+    let raw = RawRequester::new().await;
     for i in 0..3 {
         let props = BasicProperties::default()
             .with_reply_to(victim.as_str().into())
             .with_correlation_id(i.to_string().into())
             .with_type("fib".into());
-        ch.basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            b"10",
-            props,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        raw.publish(&queue, b"10", props).await;
     }
     expect_rejected(&daemon, "reply_to_refused", 3).await;
     // Honest callers are answered all along, and nothing was written into the victim.
@@ -76,21 +66,14 @@ async fn a_named_reply_queue_the_policy_lists_is_answered() {
     let mut config = test_config(&queue);
     config.service.reply_to = format!("amq.rabbitmq.reply-to.*, amq.gen-*, {replies}");
     let daemon = TestDaemon::start(config).await;
-    let (_conn, ch) = declare_queue(&replies).await;
+    let _replies = declare_queue(&replies).await;
     let props = BasicProperties::default()
         .with_reply_to(replies.as_str().into())
         .with_correlation_id("1".into());
-    ch.basic_publish(
-        "".into(),
-        queue.as_str().into(),
-        BasicPublishOptions::default(),
-        b"10",
-        props,
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    RawRequester::new()
+        .await
+        .publish(&queue, b"10", props)
+        .await;
     daemon.expect_requests("fib", "ok", 1).await;
     wait_until_async(
         Duration::from_secs(10),
