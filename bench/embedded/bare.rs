@@ -21,7 +21,12 @@ pub struct Features {
     pub confirm: bool,
     /// `mandatory` without confirm mode (confirm mode implies it).
     pub mandatory: bool,
+    /// The library's deadline metadata: both of the two below.
     pub meta: bool,
+    /// The `x-deadline-ms` header alone.
+    pub header: bool,
+    /// The `expiration` property alone.
+    pub expiration: bool,
     pub nowait: bool,
 }
 
@@ -104,7 +109,7 @@ impl Bare {
             .with_reply_to("amq.rabbitmq.reply-to".into())
             .with_correlation_id(id.as_str().into())
             .with_type(self.method.clone());
-        if self.features.meta {
+        if self.features.meta || self.features.header {
             let mut headers = FieldTable::default();
             headers.insert(
                 DEADLINE_HEADER.into(),
@@ -114,10 +119,10 @@ impl Bare {
                         .into(),
                 ),
             );
-            props = props
-                .with_content_type("text/plain".into())
-                .with_expiration(expiration_ms(TIMEOUT).into())
-                .with_headers(headers);
+            props = props.with_headers(headers);
+        }
+        if self.features.meta || self.features.expiration {
+            props = props.with_expiration(expiration_ms(TIMEOUT).into());
         }
         let options = BasicPublishOptions {
             mandatory: self.features.confirm || self.features.mandatory,

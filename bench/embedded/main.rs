@@ -15,19 +15,20 @@
 //!
 //! Systems (`--systems`, comma-separated; default `bare,lib`: ratios are against the first):
 //! - `lib`: `amqp_rpc::Client::builder(url).queue(q).connect()`, nothing else set (the
-//!   library's defaults: lapin's socket loop as a task of this runtime, confirm mode,
-//!   mandatory publishes, the deadline metadata); each call is `client.call(method, body)`.
+//!   library's defaults: lapin's socket loop as a task of this runtime, mandatory publishes
+//!   without confirm mode, the deadline metadata); each call is `client.call(method, body)`.
 //! - `lib+thread`: the same with `amqp.io_thread = true` (the socket loop on lapin's thread).
 //! - `bare`: a direct reply-to client over plain lapin (`ConnectionProperties::default()`,
 //!   so lapin's own I/O thread), as `examples/bare_echo.rs`'s: one channel, a pending map, a
 //!   router task, a uuid per call, `type` = the method. No deadline, confirm or mandatory.
 //! - `bare+task`, `bare+confirm`, `bare+mandatory`, `bare+meta`, `bare+nowait` and any combination
-//!   (`bare+task+confirm+meta+nowait` sends what the library sends, the way it sends it): the
+//!   (`bare+task+mandatory+meta+nowait` sends what the library sends, the way it sends it): the
 //!   bare client with, one at a time, what the library does differently. `task` runs the
 //!   socket loop as a task of the runtime (vendored lapin's option); `confirm` puts the
 //!   channel in confirm mode and publishes `mandatory`, looking at the confirm after the reply
-//!   (as the library does); `meta` sends the library's request metadata (`x-deadline-ms`,
-//!   `expiration`, `content_type`; amqp-rpcd then works to the deadline); `nowait` does not
+//!   (as the library does with `publisher_confirms(true)`); `meta` sends the library's
+//!   deadline metadata (`x-deadline-ms` and `expiration`; amqp-rpcd then works to the
+//!   deadline), `header` and `expiration` one of the two each; `nowait` does not
 //!   await the publish's write before waiting for the reply (the library's `Publish::start`
 //!   does not).
 //!
@@ -153,6 +154,8 @@ impl System {
                         "confirm" => features.confirm = true,
                         "mandatory" => features.mandatory = true,
                         "meta" => features.meta = true,
+                        "header" => features.header = true,
+                        "expiration" => features.expiration = true,
                         "nowait" => features.nowait = true,
                         _ => return Err(unknown(flag)),
                     }
@@ -163,7 +166,7 @@ impl System {
                 Ok(System::Bare(bare))
             }
             _ => Err(format!(
-                "unknown system {name:?}: lib[+thread] or bare[+task][+confirm][+mandatory][+meta][+nowait]"
+                "unknown system {name:?}: lib[+thread] or bare[+task][+confirm][+mandatory][+meta|+header|+expiration][+nowait]"
             )),
         }
     }
@@ -247,7 +250,7 @@ async fn main() -> Result<(), String> {
                 eprintln!(
                     "c={concurrency} round {round} {name}: {:.0} calls/s p50 {} µs p99 {} µs, \
                      errors {}; CPU/call {:?} µs, {:.1} switches/call, watched {:?} µs/call, \
-                     others {:.0}% of a CPU, steal {:.0}%",
+                     syscalls/call {:?}, others {:.0}% of a CPU, steal {:.0}%",
                     run.calls_per_sec,
                     run.p50_us,
                     run.p99_us,
@@ -260,6 +263,10 @@ async fn main() -> Result<(), String> {
                     run.watched_us
                         .iter()
                         .map(|(k, v)| format!("{k} {v:.0}"))
+                        .collect::<Vec<_>>(),
+                    run.syscalls_per_call
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v:.2}"))
                         .collect::<Vec<_>>(),
                     run.others_pct,
                     run.steal_pct

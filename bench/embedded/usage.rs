@@ -33,6 +33,8 @@ pub struct Usage {
     switches: u64,
     /// Watched name -> CPU ticks.
     watched: BTreeMap<String, u64>,
+    /// "self" and watched name -> read and write system calls (`/proc/PID/io`).
+    syscalls: BTreeMap<String, u64>,
     /// Machine (busy, total, steal) jiffies; busy leaves idle, iowait and steal out.
     machine: (u64, u64, u64),
 }
@@ -70,7 +72,17 @@ impl Usage {
                 }
             }
         }
+        let io = |pid: &str| -> u64 {
+            std::fs::read_to_string(format!("/proc/{pid}/io"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("syscr:") || l.starts_with("syscw:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum()
+        };
+        usage.syscalls.insert("self".into(), io("self"));
         for (name, pid) in watch {
+            usage.syscalls.insert(name.clone(), io(&pid.to_string()));
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             usage
                 .watched
@@ -111,6 +123,9 @@ pub struct Run {
     pub switches_per_call: f64,
     /// Watched processes' CPU per call, µs.
     pub watched_us: BTreeMap<String, f64>,
+    /// Read and write system calls per call, of this process ("self") and the watched ones:
+    /// how well each side batches its socket I/O.
+    pub syscalls_per_call: BTreeMap<String, f64>,
     pub steal_pct: f64,
     /// Other processes' CPU over the window, in % of one CPU (the noise).
     pub others_pct: f64,
@@ -179,6 +194,14 @@ pub fn per_call(
         cpu_us,
         switches_per_call: scale(after.switches.saturating_sub(before.switches) as f64),
         watched_us,
+        syscalls_per_call: after
+            .syscalls
+            .iter()
+            .map(|(k, &n)| {
+                let d = n.saturating_sub(before.syscalls.get(k).copied().unwrap_or(0));
+                (k.clone(), scale(d as f64))
+            })
+            .collect(),
         others_pct,
         steal_pct: if total > 0 {
             100.0 * steal as f64 / total as f64
