@@ -288,7 +288,8 @@ if [r["parameter"] for r in ta["spec"].get("secretTargetRef", [])] != ["host"]:
 # Alerts: the ones the runbook promises.
 alerts = {r.get("alert") for g in pr["spec"]["groups"] for r in g["rules"]}
 for a in ["AmqpRpcNoConsumers", "AmqpRpcConnectionDown", "AmqpRpcHighErrorRatio",
-          "AmqpRpcRedeliveryStorm", "AmqpRpcPoisonRequests"]:
+          "AmqpRpcMethodHighErrorRatio", "AmqpRpcRedeliveryStorm", "AmqpRpcPoisonRequests",
+          "AmqpRpcConnectionBlocked", "AmqpRpcRefusedRequests", "AmqpRpcDeniedRequests"]:
     if a not in alerts:
         problems.append(f"prometheusrule.yaml: alert {a} missing")
 
@@ -335,6 +336,81 @@ rules_check() {
     echo "promtool check rules + test rules (deploy/kubernetes/tests) succeeded"
 }
 
+# ---- metric names and label values against the daemon's source -----------------------------------
+# Every amqp_rpc_* name in the rules, the alert tests and the dashboard (queries and variables)
+# must be a family src/ registers (histograms with their _bucket/_sum/_count series), and every
+# `outcome`/`reason` value they match must be one the daemon can emit: a typo there makes an
+# alert that never fires and a panel that stays empty, and nothing else would notice.
+metric_names_check() {
+    "$PY" - "$K8S_DIR/prometheusrule.yaml" "$K8S_DIR/tests/prometheusrule.test.yaml" "$DASHBOARD" src <<'PY'
+import glob, json, re, sys, yaml
+rules_file, tests_file, dash_file, src = sys.argv[1:5]
+sources = {f: open(f).read() for f in glob.glob(f"{src}/**/*.rs", recursive=True)}
+everything = "\n".join(sources.values())
+# Families: `IntCounterVec::new(Opts::new("amqp_rpc_x", ...` and the like (or register_* macros).
+registered = {}
+for kind, name in re.findall(
+        r'\b((?:Int)?(?:Counter|Gauge|Histogram)(?:Vec)?::(?:new|with_opts)|register_[a-z_]+!)'
+        r'\(\s*(?:(?:Histogram)?Opts::new\(\s*)?"(amqp_rpc_[a-z0-9_]+)"', everything):
+    registered[name] = "histogram" if "istogram" in kind else "other"
+if len(registered) < 10:
+    print(f"found only {len(registered)} amqp_rpc_* families in {src}/ ({sorted(registered)}): "
+          "the registration pattern in deploy/validate.sh needs updating")
+    sys.exit(1)
+codes = re.findall(r'ErrorCode::\w+ => "([a-z_]+)"', sources.get(f"{src}/protocol/codes.rs", ""))
+reasons = re.findall(r'Rejected::\w+ => "([a-z_]+)"', sources.get(f"{src}/server/metrics.rs", ""))
+if not codes or not reasons:
+    print(f"could not read the error codes ({src}/protocol/codes.rs) or the rejected reasons ({src}/server/metrics.rs)")
+    sys.exit(1)
+values = {"outcome": {"ok", *codes}, "reason": set(reasons)}
+
+def exists(m):
+    if m in registered:
+        return True
+    base, n = re.subn(r"_(bucket|sum|count)$", "", m)
+    return n == 1 and registered.get(base) == "histogram"
+
+exprs = []  # (where, PromQL or series text)
+for g in yaml.safe_load(open(rules_file))["spec"]["groups"]:
+    for r in g["rules"]:
+        exprs.append((f"{rules_file}: {r.get('alert') or r.get('record')}", r["expr"]))
+for i, t in enumerate(yaml.safe_load(open(tests_file)).get("tests", [])):
+    for x in t.get("input_series", []):
+        exprs.append((f"{tests_file}: test {i + 1}", x["series"]))
+    for x in t.get("promql_expr_test", []):
+        exprs.append((f"{tests_file}: test {i + 1}", x["expr"]))
+dash = json.load(open(dash_file))
+def walk(panels):
+    for p in panels:
+        walk(p.get("panels", []))
+        for t in p.get("targets", []):
+            exprs.append((f"{dash_file}: panel {p.get('title')!r}", t.get("expr", "")))
+walk(dash["panels"])
+for v in dash.get("templating", {}).get("list", []):
+    q = v.get("query")
+    exprs.append((f"{dash_file}: variable {v['name']}", q.get("query", "") if isinstance(q, dict) else q or ""))
+
+problems, used = [], set()
+for where, e in exprs:
+    for m in re.findall(r"\b(amqp_rpc_[a-z0-9_]+)", e):
+        used.add(m)
+        if not exists(m):
+            problems.append(f"{where}: {m} is not a metric the daemon exports")
+    for label, op, value in re.findall(r'\b(outcome|reason)\s*(=~|!~|!=|=)\s*"([^"]*)"', e):
+        if not re.fullmatch(r"[a-z_]+(\|[a-z_]+)*", value):
+            continue  # a real regular expression: not checked
+        for v in value.split("|"):
+            if v not in values[label]:
+                problems.append(f"{where}: {label}{op}\"{value}\": {v!r} is not a {label} the daemon emits")
+if problems:
+    print("\n".join(problems)); sys.exit(1)
+print(f"{len(used)} amqp_rpc_* names in {len(exprs)} expressions, all among the {len(registered)} families "
+      f"registered in {src}/; outcome and reason values among the {len(values['outcome'])} outcomes and "
+      f"{len(values['reason'])} reasons")
+PY
+}
+check "metrics: names and label values in rules, alert tests and dashboard exist in src/" metric_names_check
+
 # ---- Grafana dashboard ---------------------------------------------------------------------------
 dashboard_json_check() {
     "$PY" -m json.tool "$DASHBOARD" >/dev/null || return 1
@@ -366,29 +442,32 @@ def walk(panels):
         for t in p.get("targets", []):
             exprs.append((p["title"], t["expr"]))
 walk(dash["panels"])
-# Every metric the dashboard uses must exist in the daemon (or be a process_* metric).
-source = open(sys.argv[3]).read()
-for title, e in exprs:
-    for m in re.findall(r"\b(amqp_rpc_[a-z_]+)", e):
-        base = re.sub(r"_(bucket|sum|count)$", "", m)
-        if f'"{base}"' not in source:
-            problems.append(f"panel {title!r}: {m} is not a metric in src/server/metrics.rs")
+# (That the names exist in the daemon is the `metrics:` check's business.)
 wanted = ["rate(amqp_rpc_requests_total", "amqp_rpc_request_duration_seconds_bucket", "amqp_rpc_in_flight",
           "amqp_rpc_redeliveries_total", "amqp_rpc_replays_total", "amqp_rpc_poison_total", "amqp_rpc_expired_total",
-          "amqp_rpc_rejected_total", "amqp_rpc_connection_up", "amqp_rpc_reconnects_total"]
+          "amqp_rpc_rejected_total", "amqp_rpc_connection_up", "amqp_rpc_connection_blocked",
+          "amqp_rpc_reconnects_total", 'method=~"$method"']
 for w in wanted:
     if not any(w in e for _, e in exprs):
         problems.append(f"no panel shows {w}")
+# Every family the daemon registers has a panel: a metric added later must get one too.
+source = open(sys.argv[3]).read()
+for family in sorted(set(re.findall(r'(?:Opts::new|::new)\(\s*"(amqp_rpc_[a-z0-9_]+)"', source))):
+    if not any(re.search(rf"\b{family}(_bucket|_sum|_count)?\b", e) for _, e in exprs):
+        problems.append(f"no panel shows {family} (registered in {sys.argv[3]})")
+if "amqp_rpc_requests_total" not in json.dumps(variables.get("method", {}).get("query", "")):
+    problems.append("needs a `method` variable over label_values(amqp_rpc_requests_total..., method)")
 if problems:
     print("\n".join(problems)); sys.exit(1)
 # Hand the queries to promtool as recording rules, Grafana variables filled in, to parse them.
-subst = lambda e: e.replace("$__rate_interval", "5m").replace("$job", ".*").replace("$instance", ".*")
+subst = lambda e: (e.replace("$__rate_interval", "5m").replace("$job", ".*").replace("$instance", ".*")
+                   .replace("$method", ".*"))
 rules = [{"record": f"dashboard:query_{i}", "expr": subst(e)} for i, (_, e) in enumerate(exprs)]
 yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[2], "w"))
 print(f"{len(ids)} panels, {len(exprs)} queries")
 PY
     "$PROMTOOL" check rules "$WORK/dashboard.rules.yaml" >/dev/null || return 1
-    echo "datasource variable, unique ids, metric names exist in src/server/metrics.rs, all queries parse (promtool)"
+    echo "datasource and method variables, unique ids, every family of src/server/metrics.rs on a panel, all queries parse (promtool)"
 }
 if [ -n "$PROMTOOL" ]; then
     check "prometheus: rules and alert unit tests" rules_check
