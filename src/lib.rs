@@ -60,6 +60,8 @@
 //!   and sections of the application's own.
 //! - [`amqp`]: connecting with backoff across brokers, probing a queue.
 //! - [`error`]: the daemon's fatal errors.
+//! - [`trace`]: the spans of calls and requests, and the W3C trace context they carry
+//!   (OpenTelemetry, with the `otel` feature).
 //!
 //! Logging set-up, signals, systemd and the load generator belong to the binaries
 //! (`amqp-rpcd`, `amqp-rpc`), not to the library.
@@ -81,6 +83,7 @@ mod secret;
 pub mod server;
 pub mod service;
 mod tls;
+pub mod trace;
 
 pub use client::{CallError, CallOptions, Client, ClientBuilder, Service};
 pub use config::Config;

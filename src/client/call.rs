@@ -11,6 +11,7 @@ use lapin::{BasicProperties, Confirmation};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::session::Session;
 use super::shared::ReplyResult;
@@ -21,6 +22,7 @@ use crate::protocol::{
     DIRECT_REPLY_TO, JSON_CONTENT_TYPE,
 };
 use crate::publish::Publish;
+use crate::trace;
 
 const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(25);
 const RETRY_MAX_BACKOFF: Duration = Duration::from_millis(500);
@@ -71,8 +73,29 @@ pub(super) fn decode_json<Resp: DeserializeOwned>(body: &[u8]) -> Result<Resp, C
 }
 
 impl Inner {
-    /// A call of `method` on `target`'s queue; see [`Client::call_with`] for the retries.
+    /// A call of `method` on `target`'s queue, in its span; see [`Client::call_with`] for the
+    /// retries.
     pub(super) async fn call(
+        &self,
+        target: &Target,
+        method: &str,
+        body: &[u8],
+        content_type: Option<&'static str>,
+        options: CallOptions,
+    ) -> Result<Vec<u8>, CallError> {
+        let span = trace::call_span(method, &target.queue);
+        let result = self
+            .call_in_span(target, method, body, content_type, options)
+            .instrument(span.clone())
+            .await;
+        trace::call_ended(
+            &span,
+            result.as_ref().map_or_else(CallError::kind, |_| "ok"),
+        );
+        result
+    }
+
+    async fn call_in_span(
         &self,
         target: &Target,
         method: &str,
@@ -106,7 +129,7 @@ impl Inner {
         // properties; BENCHMARKS.md prices the request metadata there).
         let message_id = options.idempotent.then(|| self.ids.next());
         let mut backoff = RETRY_INITIAL_BACKOFF;
-        loop {
+        for attempt in 1.. {
             let request = Request {
                 method,
                 body,
@@ -115,7 +138,9 @@ impl Inner {
                 deadline_ms,
                 message_id: message_id.as_deref(),
             };
-            let attempt = self.attempt(target, request);
+            let attempt = self
+                .attempt(target, request)
+                .instrument(trace::attempt_span(&target.queue, attempt));
             let result = match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Err(CallError::Timeout(_))) | Err(_) => Err(CallError::Timeout(options.timeout)),
                 Ok(result) => result,
@@ -146,6 +171,7 @@ impl Inner {
             tokio::time::sleep(pause).await;
             backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
         }
+        unreachable!("attempts are counted in u32 and end by the deadline")
     }
 
     /// A JSON call on `target`'s queue.
@@ -195,6 +221,7 @@ impl Inner {
         let (_guard, mut reply) = self.shared.register(id.clone());
         let mut headers = FieldTable::default();
         headers.insert(DEADLINE_HEADER.into(), deadline_header_value(deadline_ms));
+        trace::inject_request(&mut headers, &id);
         let mut props = BasicProperties::default()
             .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(id.into());

@@ -15,10 +15,12 @@ use serde::Deserialize;
 
 pub use crate::secret::{redact_text, redact_url, split_urls, url_secrets};
 pub use sections::{
-    AmqpConfig, Declare, HttpConfig, LogConfig, LogFormat, QueueType, ServiceConfig, ShutdownConfig,
+    AmqpConfig, Declare, HttpConfig, LogConfig, LogFormat, QueueType, ServiceConfig,
+    ShutdownConfig, TelemetryConfig,
 };
 
 mod sections;
+pub mod telemetry;
 
 /// Environment prefix: `AMQP_RPC__AMQP__URL` sets `amqp.url`.
 pub const ENV_PREFIX: &str = "AMQP_RPC";
@@ -44,6 +46,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Trace export.
+    pub telemetry: TelemetryConfig,
     /// The program's own sections, kept for [`Config::section`].
     #[serde(skip)]
     apps: AppSections,
@@ -60,7 +64,7 @@ impl fmt::Debug for AppSections {
     }
 }
 
-const SECTIONS: &[&str] = &["amqp", "service", "shutdown", "http", "log"];
+const SECTIONS: &[&str] = &["amqp", "service", "shutdown", "http", "log", "telemetry"];
 
 /// Load `path` (optional) and the process environment, then validate.
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -171,6 +175,7 @@ fn load_parts(
     ShutdownConfig::key_problems(&cfg, &mut problems);
     HttpConfig::key_problems(&cfg, &mut problems);
     LogConfig::key_problems(&cfg, &mut problems);
+    TelemetryConfig::key_problems(&cfg, &mut problems);
     let app_sections: BTreeMap<String, config::Value> = apps
         .iter()
         .filter_map(|name| root.remove_entry(*name))
@@ -280,6 +285,11 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.push(format!("log.level: {:?}: {e}", self.log.level));
         }
+        // The keys only: the OTEL_* variables are the binaries' to read (an application with
+        // telemetry of its own may set them for another exporter).
+        if let Err(problems) = self.telemetry.resolve("", |_| None) {
+            p.extend(problems);
+        }
         if p.is_empty() {
             Ok(())
         } else {
@@ -322,6 +332,7 @@ mod tests {
         assert_eq!(c.shutdown, Config::default().shutdown);
         assert_eq!(c.http, Config::default().http);
         assert_eq!(c.log, Config::default().log);
+        assert_eq!(c.telemetry, Config::default().telemetry);
         let unknown = load_with_env(Some(&path), env(&[])).unwrap_err();
         assert_eq!(
             unknown.problems,

@@ -186,6 +186,27 @@ section!(
     }
 );
 
+section!(
+    /// `[telemetry]`: trace export, OTLP over HTTP/protobuf (see [`super::telemetry`]). The
+    /// standard `OTEL_*` variables win over these keys.
+    TelemetryConfig, "telemetry" {
+        /// Export traces. `OTEL_TRACES_EXPORTER=otlp` turns it on and `=none` off;
+        /// `OTEL_SDK_DISABLED=true` turns it off.
+        enabled: bool = false,
+        /// The collector's base URL; `/v1/traces` is appended. `OTEL_EXPORTER_OTLP_ENDPOINT`
+        /// wins, and `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as it is) over both.
+        endpoint: String = "http://localhost:4318".into(),
+        /// The spans' `service.name`; empty = the program's name. `OTEL_SERVICE_NAME` wins.
+        service_name: String = String::new(),
+        /// `parentbased_always_on`, `parentbased_always_off`, `parentbased_traceidratio`,
+        /// `always_on`, `always_off` or `traceidratio`. `OTEL_TRACES_SAMPLER` wins.
+        sampler: String = "parentbased_always_on".into(),
+        /// The share of traces the `*traceidratio` samplers keep, 0 to 1.
+        /// `OTEL_TRACES_SAMPLER_ARG` wins.
+        sampler_ratio: f64 = 1.0,
+    }
+);
+
 impl AmqpConfig {
     /// The broker URLs as configured (comma-separated list split, blanks dropped).
     pub fn urls(&self) -> Vec<String> {
@@ -254,4 +275,5 @@ plain_debug! {
     ShutdownConfig { grace_secs }
     HttpConfig { listen }
     LogConfig { level, format }
+    TelemetryConfig { enabled, endpoint, service_name, sampler, sampler_ratio }
 }

@@ -125,6 +125,8 @@ pub struct Job {
     pub work: Work,
     /// The method's own limit on requests running at once.
     pub limit: Option<Arc<Semaphore>>,
+    /// The handler's span, which `prepare` ran in and the work goes on in.
+    pub span: tracing::Span,
 }
 
 /// What a delivery gets, in the contract's order (see the module doc).
@@ -216,13 +218,17 @@ fn check(rules: &Rules<'_>, meta: &RequestMeta, body: &[u8]) -> Checked {
     let Some(method) = rules.methods.get(&meta.method) else {
         return failed(unknown_method(rules.methods, &meta.method));
     };
-    match std::panic::catch_unwind(AssertUnwindSafe(|| method.prepare(body))) {
+    let span = crate::trace::handler_span(method.name());
+    let prepared =
+        span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| method.prepare(body))));
+    match prepared {
         Err(_) => failed(panicked()),
         Ok(Err(e)) => failed(e),
         Ok(Ok(Work::Done(answer))) => Checked::Answer(Ok(answer)),
         Ok(Ok(work)) => Checked::Run(Job {
             work,
             limit: method.limit().cloned(),
+            span,
         }),
     }
 }

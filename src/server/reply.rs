@@ -22,6 +22,7 @@ use crate::server::decide::{
 };
 use crate::server::metrics::Rejected;
 use crate::server::settle::Settling;
+use crate::trace;
 
 /// Publish `result` to the caller and ack, or leave the request for redelivery when the reply
 /// cannot be handed over.
@@ -42,6 +43,7 @@ pub(super) async fn answer(
     let remaining = meta.remaining(now_epoch_ms());
     if too_late_to_reply(remaining) {
         tracing::debug!(outcome, "finished after the deadline, not replying");
+        trace::answered("deadline_exceeded");
         ctx.metrics.request(label, "deadline_exceeded").inc();
         ack(ctx, delivery);
         return;
@@ -49,6 +51,7 @@ pub(super) async fn answer(
     if let Err(e) = result {
         tracing::info!(code = %e.code, message = %e.message, "error reply");
     }
+    trace::answered(outcome);
     let answered = ctx.metrics.request(label, outcome);
     if !wary(ctx, meta, delivery) {
         let (body, props) = reply_parts(ctx, meta, result, remaining);
@@ -218,7 +221,8 @@ fn reply_parts<'r>(
             .as_deref()
             .is_some_and(|to| to.starts_with(DIRECT_REPLY_TO))
     });
-    let mut props = reply_properties(meta.correlation_id.as_deref(), code, ttl);
+    let mut props =
+        trace::inject_reply(reply_properties(meta.correlation_id.as_deref(), code, ttl));
     if result.is_ok() {
         if let Some(content_type) = ctx.methods.get(&meta.method).and_then(|m| m.content_type()) {
             props = props.with_content_type(content_type.into());

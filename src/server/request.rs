@@ -19,6 +19,7 @@ use crate::server::idempotency::cacheable;
 use crate::server::metrics::Rejected;
 use crate::server::reply;
 use crate::server::run::{give_up_at, run, too_late, Outcome};
+use crate::trace;
 
 // Where they were before the split; nothing outside the crate can build a context, but the
 // paths stay.
@@ -39,6 +40,14 @@ pub async fn handle(ctx: Arc<RequestCtx>, delivery: Delivery) {
         traceparent = tracing::field::Empty,
         user_id = tracing::field::Empty,
         app_id = tracing::field::Empty,
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
+    );
+    trace::continue_trace(
+        &span,
+        &delivery,
+        &meta,
+        ctx.methods.get(&meta.method).is_some(),
     );
     if delivery.redelivered {
         span.record("redelivered", true);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use lapin::message::Delivery;
+use tracing::Instrument;
 
 use crate::protocol::{now_epoch_ms, ErrorCode, RequestError, RequestMeta};
 use crate::server::ctx::RequestCtx;
@@ -93,10 +94,12 @@ pub(super) async fn run(
     };
     // The permits move into the work: if we stop waiting, the limits still count a blocking
     // thread until it really finishes (an async handler's future is dropped with them).
+    let span = job.span;
     let blocking = |permits: Permits, work: Box<dyn FnOnce() -> Reply + Send>| {
+        let span = span.clone();
         tokio::task::spawn_blocking(move || {
             let _permits = permits;
-            work()
+            span.in_scope(work)
         })
     };
     let finished = match job.work {
@@ -110,10 +113,14 @@ pub(super) async fn run(
         }
         Work::Async(work) => {
             // A handler may panic before its future exists (in the closure) or in it.
-            let Ok(reply) = std::panic::catch_unwind(AssertUnwindSafe(|| work(request()))) else {
+            let Ok(reply) =
+                span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| work(request()))))
+            else {
                 return Outcome::reply(Err(panicked()));
             };
-            let reply = AssertUnwindSafe(reply).catch_unwind();
+            let reply = AssertUnwindSafe(reply)
+                .catch_unwind()
+                .instrument(span.clone());
             let reply = async move {
                 let _permits = permits;
                 reply.await

@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod child;
 pub mod cluster;
+pub mod otlp;
 pub mod proxy;
 pub mod user_methods;
 

@@ -4,6 +4,8 @@
 
 mod bench;
 mod known;
+#[path = "../common/otlp.rs"]
+mod otlp;
 #[path = "../common/telemetry.rs"]
 mod telemetry;
 
@@ -136,7 +138,23 @@ fn main() -> ExitCode {
         level: "warn,lapin=off".into(),
         ..LogConfig::default()
     };
-    let _ = telemetry::init(&log, config::url_secrets(&urls));
+    // Trace export from OTEL_* alone: the CLI has no config file.
+    let export = match config::TelemetryConfig::default()
+        .resolve("amqp-rpc", config::telemetry::process_env)
+    {
+        Ok(export) => export,
+        Err(problems) => {
+            eprintln!("amqp-rpc: {}", problems.join("; "));
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let export = match telemetry::init(&log, config::url_secrets(&urls), export.as_ref()) {
+        Ok(export) => export,
+        Err(e) => {
+            eprintln!("amqp-rpc: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
     // One async thread: a client is I/O (lapin reads and writes the socket on a thread of its
     // own), and one thread carries thousands of calls per second; a multi-threaded scheduler
     // only adds cross-worker wake-ups (3% fewer calls/s at 64 in flight, BENCHMARKS.md).
@@ -187,6 +205,10 @@ fn main() -> ExitCode {
         }
     });
     runtime.shutdown_background();
+    // After the runtime, outside it: the SDK's shutdown blocks until the last spans are sent.
+    if let Some(export) = export {
+        export.shutdown();
+    }
     ExitCode::from(code)
 }
 

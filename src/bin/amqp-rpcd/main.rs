@@ -11,6 +11,8 @@ use amqp_rpc::Daemon;
 use clap::Parser;
 
 mod fib;
+#[path = "../common/otlp.rs"]
+mod otlp;
 mod shutdown;
 mod systemd;
 #[path = "../common/telemetry.rs"]
@@ -49,15 +51,29 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // `[telemetry]` with the OTEL_* variables over it: checked by --check-config too.
+    let export = match config
+        .telemetry
+        .resolve("amqp-rpcd", config::telemetry::process_env)
+    {
+        Ok(export) => export,
+        Err(problems) => {
+            eprintln!("amqp-rpcd: {}", ConfigError { problems });
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     if args.check_config {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
     let secrets = config.amqp.secrets();
-    if let Err(e) = telemetry::init(&config.log, secrets) {
-        eprintln!("amqp-rpcd: logging: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
+    let export = match telemetry::init(&config.log, secrets, export.as_ref()) {
+        Ok(export) => export,
+        Err(e) => {
+            eprintln!("amqp-rpcd: logging: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     // One async thread: the plumbing (socket I/O, deliveries, replies, acks, /metrics) is I/O
     // that one thread keeps up with past what one queue delivers; lapin's socket loop runs
     // here too (`amqp.io_thread = false`). CPU-heavy handlers run on the blocking pool, bounded by
@@ -88,6 +104,10 @@ fn main() -> ExitCode {
     });
     // Blocking handler threads may still be computing; do not wait for them.
     runtime.shutdown_background();
+    // After the runtime, outside it: the SDK's shutdown blocks until the last spans are sent.
+    if let Some(export) = export {
+        export.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,6 +1,7 @@
 //! Logging set-up of our binaries (each includes this file; the library leaves logging to
 //! the application): tracing-subscriber with an `EnvFilter` (RUST_LOG wins over `log.level`),
-//! text or one-JSON-object-per-line output on stderr.
+//! text or one-JSON-object-per-line output on stderr, and with trace export on
+//! (`[telemetry]`, `OTEL_*`; `otlp.rs`) the OpenTelemetry layer beside it.
 //!
 //! Output goes through [`RedactingWriter`], which masks the configured secrets in every line
 //! whatever crate logged it: our own code never logs a password, but a dependency logging a
@@ -9,14 +10,29 @@
 use std::io::{self, IsTerminal, Write};
 use std::sync::Arc;
 
-use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TraceContextExt;
+use tracing::{Level, Subscriber};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, MakeWriter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
+use amqp_rpc::config::telemetry::TraceExport;
 use amqp_rpc::config::{LogConfig, LogFormat};
 
-/// Install the global subscriber. `secrets` are masked in all output (empty strings ignored).
-/// Returns an error if a subscriber is already installed.
-pub fn init(log: &LogConfig, secrets: Vec<String>) -> Result<(), String> {
+use super::otlp::Export;
+
+/// Install the global subscriber, and start trace export when `export` says so. `secrets` are
+/// masked in all output (empty strings ignored). Returns an error if a subscriber is already
+/// installed or the exporter cannot be built.
+pub fn init(
+    log: &LogConfig,
+    secrets: Vec<String>,
+    export: Option<&TraceExport>,
+) -> Result<Option<Export>, String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(v),
         _ => EnvFilter::try_new(&log.level),
@@ -27,16 +43,91 @@ pub fn init(log: &LogConfig, secrets: Vec<String>) -> Result<(), String> {
     // report the write error with eprintln!, which panics on EPIPE in whatever task logged.
     // Colours only on a terminal: journald and log collectors would store the escape codes,
     // and styling every field name cost a third of each request span's creation.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(io::stderr().is_terminal())
-        .log_internal_errors(false);
-    let result = match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        _ => builder.try_init(), // text, and any format the library adds later
+    let ansi = io::stderr().is_terminal();
+    let Some(export) = export else {
+        // Without export, the one global filter as before: per-layer filtering costs every
+        // span and event a little more, for nothing here.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
+            .with_ansi(ansi)
+            .log_internal_errors(false);
+        let result = match log.format {
+            LogFormat::Json => builder.json().flatten_event(true).try_init(),
+            _ => builder.try_init(), // text, and any format the library adds later
+        };
+        return result.map(|()| None).map_err(|e| e.to_string());
     };
-    result.map_err(|e| e.to_string())
+    let export = Export::start(export)?;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi)
+        .log_internal_errors(false);
+    let fmt = match log.format {
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .event_format(WithTraceIds(format().json().flatten_event(true)))
+            .with_filter(filter)
+            .boxed(),
+        _ => fmt.with_filter(filter).boxed(),
+    };
+    // Our spans only, whatever the log level: the exporter's own crates (HTTP client,
+    // OpenTelemetry) never, or exporting would make spans of its own.
+    let ours = Targets::new()
+        .with_target("amqp_rpc", Level::INFO)
+        .with_target(amqp_rpc::trace::HANDLER_TARGET, Level::DEBUG)
+        .with_target("amqp_rpcd", Level::INFO);
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(export.tracer())
+        .with_filter(ours);
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| e.to_string())?;
+    Ok(Some(export))
+}
+
+fn format() -> format::Format {
+    format::Format::default()
+}
+
+/// A JSON line of an event inside a traced span, with the trace's and the span's ids first:
+/// what lets a log search and a trace view find each other.
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let cx = opentelemetry::Context::current();
+        let span = cx.span();
+        let ids = span.span_context();
+        if !ids.is_valid() {
+            return self.0.format_event(ctx, writer, event);
+        }
+        let mut line = String::new();
+        self.0
+            .format_event(ctx, format::Writer::new(&mut line), event)?;
+        match line.strip_prefix('{') {
+            Some(rest) => write!(
+                writer,
+                "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",{rest}",
+                ids.trace_id(),
+                ids.span_id()
+            ),
+            None => writer.write_str(&line),
+        }
+    }
 }
 
 /// A `MakeWriter` for stderr that replaces each secret with `***` before writing.
