@@ -195,12 +195,15 @@ mod imp {
         if span.is_disabled() {
             return;
         }
+        // Asked first with an empty parent, which costs nothing: without an OpenTelemetry
+        // layer there is nothing more to do, not even reading the headers.
+        if span.set_parent(Context::new()).is_err() {
+            return;
+        }
         let headers = delivery.properties.headers().as_ref();
         let parent = global::get_text_map_propagator(|p| p.extract(&ReadHeaders(headers)));
-        if span.set_parent(parent).is_err() {
-            return; // no OpenTelemetry layer: nothing more to say
-        }
-        // An unknown name is the caller's input: it does not name the span.
+        let _ = span.set_parent(parent); // still unstarted: it cannot fail now
+                                         // An unknown name is the caller's input: it does not name the span.
         let name = if known {
             meta.method.as_str()
         } else {
