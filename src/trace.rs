@@ -28,6 +28,10 @@ pub const RPC_SYSTEM: &str = "amqp_rpc";
 /// pay for one more span per request, while the binaries' trace export asks for it.
 pub const HANDLER_TARGET: &str = "amqp_rpc::handler";
 
+/// The target of the span holding a request's `user_id` and `app_id`, inside its request
+/// span: for the logs, never for trace export (a user name is personal data).
+pub const CALLER_TARGET: &str = "amqp_rpc::caller";
+
 /// The client's span of one call (all its attempts): `{method}`, kind client.
 pub(crate) fn call_span(method: &str, queue: &str) -> Span {
     let span = tracing::info_span!("call", otel.name = method, otel.kind = "client");
@@ -42,8 +46,8 @@ pub(crate) fn attempt_span(queue: &str, attempt: u32) -> Span {
     span
 }
 
-/// Put the current span's context (an attempt's) into a request's headers, with the
-/// request's correlation id on the span.
+/// Put OpenTelemetry's current span's context (an attempt's) into a request's headers, with
+/// the request's correlation id on that span.
 pub(crate) fn inject_request(headers: &mut FieldTable, correlation_id: &str) {
     imp::inject_request(headers, correlation_id);
 }
@@ -61,12 +65,13 @@ pub(crate) fn continue_trace(span: &Span, delivery: &Delivery, meta: &RequestMet
     imp::continue_trace(span, delivery, meta, known);
 }
 
-/// How the daemon answered, on the current (request) span.
+/// How the daemon answered, on the request span (OpenTelemetry's current span: the `caller`
+/// span between them is not traced).
 pub(crate) fn answered(code: &'static str) {
-    imp::ended(&Span::current(), code);
+    imp::answered(code);
 }
 
-/// Put the current (request) span's context into a reply's headers.
+/// Put the request span's context (OpenTelemetry's current one) into a reply's headers.
 pub(crate) fn inject_reply(props: lapin::BasicProperties) -> lapin::BasicProperties {
     imp::inject_reply(props)
 }
@@ -165,18 +170,14 @@ mod imp {
     }
 
     pub fn inject_request(headers: &mut FieldTable, correlation_id: &str) {
-        let span = Span::current();
-        if span.is_disabled() {
-            return;
-        }
-        let cx = span.context();
+        let cx = Context::current();
         if !traced(&cx) {
             return;
         }
-        span.set_attribute(
+        cx.span().set_attribute(KeyValue::new(
             "messaging.message.conversation_id",
             correlation_id.to_owned(),
-        );
+        ));
         global::get_text_map_propagator(|p| p.inject_context(&cx, &mut Headers(headers)));
     }
 
@@ -187,6 +188,19 @@ mod imp {
         span.set_attribute("rpc.response.status_code", code);
         if code != "ok" {
             span.set_attribute("error.type", code);
+            span.set_status(Status::error(code));
+        }
+    }
+
+    pub fn answered(code: &'static str) {
+        let cx = Context::current();
+        if !traced(&cx) {
+            return;
+        }
+        let span = cx.span();
+        span.set_attribute(KeyValue::new("rpc.response.status_code", code));
+        if code != "ok" {
+            span.set_attribute(KeyValue::new("error.type", code));
             span.set_status(Status::error(code));
         }
     }
@@ -244,11 +258,7 @@ mod imp {
     }
 
     pub fn inject_reply(props: BasicProperties) -> BasicProperties {
-        let span = Span::current();
-        if span.is_disabled() {
-            return props;
-        }
-        let cx = span.context();
+        let cx = Context::current();
         if !traced(&cx) {
             return props;
         }
@@ -271,6 +281,7 @@ mod imp {
     pub fn attempt(_: &Span, _: &str, _: u32) {}
     pub fn inject_request(_: &mut FieldTable, _: &str) {}
     pub fn ended(_: &Span, _: &'static str) {}
+    pub fn answered(_: &'static str) {}
     pub fn continue_trace(_: &Span, _: &Delivery, _: &RequestMeta, _: bool) {}
     pub fn inject_reply(props: BasicProperties) -> BasicProperties {
         props

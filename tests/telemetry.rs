@@ -228,9 +228,10 @@ async fn an_error_reply_is_an_error_span_on_both_sides() {
     let daemon = TracedDaemon::start(&queue, &receiver).await;
 
     // The CLI sends it (a decimal n >= 0); the daemon's fib answers out_of_range (max_n
-    // 100000): a remote error, exit 5.
+    // 100000): a remote error, exit 5. With the caller's user_id, which the logs show and
+    // the trace must not.
     let code = "out_of_range";
-    let out = cli(&receiver, &queue, &["call", "fib", "100001"]).await;
+    let out = cli(&receiver, &queue, &["call", "fib", "100001", "--identify"]).await;
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(code), "{}", text(&out.stderr));
 
@@ -270,6 +271,18 @@ async fn an_error_reply_is_an_error_span_on_both_sides() {
         "no JSON log line inside request {conversation}; the log:\n{}",
         log.join("\n")
     );
+    let identified = request_lines(&log, conversation).iter().any(|line| {
+        // In a `caller` span; the value itself is masked here: guest's password is guest.
+        let line = line.to_string();
+        line.contains(r#""name":"caller""#) && line.contains(r#""user_id":"#)
+    });
+    assert!(identified, "the log shows the caller: {}", log.join("\n"));
+    for span in &spans {
+        assert!(
+            span.attr("user_id").is_none() && span.texts().iter().all(|t| *t != "guest"),
+            "a user name in an exported span: {span:?}"
+        );
+    }
     delete_queue(&queue).await;
 }
 
