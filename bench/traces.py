@@ -46,12 +46,18 @@ from harness import (  # noqa: E402
     CONFIG, DEFAULT_URL, RPC, RPCD, CpuWindow, Server, broker_pid, delete_queues, f_int, f_pct,
     f_ratio, fmt_dur, free_port, log, med, parse_duration, ratio, run_json)
 
-NAMES = {'off': 'off', 'on': 'on', 'off_baseline': 'off_baseline'}
+NAMES = {'off': 'off', 'on': 'on', 'on_sampled': 'on, sampled', 'off_baseline': 'off_baseline'}
+# The systems that export.
+ON = ('on', 'on_sampled')
 # OTEL_* variables `on` does not take from this script's environment: they would send its
 # spans somewhere other than the sink, in another protocol, or not at all.
 ON_DROP = ('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT', 'OTEL_EXPORTER_OTLP_PROTOCOL',
            'OTEL_EXPORTER_OTLP_TRACES_PROTOCOL', 'OTEL_SDK_DISABLED', 'OTEL_TRACES_SAMPLER',
            'OTEL_TRACES_SAMPLER_ARG')
+
+
+# The ratio of on_sampled (--sampled), set once the arguments are read.
+SAMPLED = [None]
 
 
 # --- the sink -----------------------------------------------------------------------------
@@ -133,13 +139,17 @@ def start_sink():
 # --- servers and clients ------------------------------------------------------------------
 
 def child_env(system, url, sink_url):
-    env = {k: v for k, v in os.environ.items() if system == 'on' or not k.startswith('OTEL_')}
+    env = {k: v for k, v in os.environ.items() if system in ON or not k.startswith('OTEL_')}
     env.pop('RUST_LOG', None)
     env['AMQP_URL'] = url
-    if system == 'on':
+    if system in ON:
         for k in ON_DROP:
             env.pop(k, None)
         env.update(OTEL_TRACES_EXPORTER='otlp', OTEL_EXPORTER_OTLP_ENDPOINT=sink_url)
+    if system == 'on_sampled':
+        # Traces start at the CLI; the daemon follows the caller's sampled flag.
+        env.update(OTEL_TRACES_SAMPLER='parentbased_traceidratio',
+                   OTEL_TRACES_SAMPLER_ARG=str(SAMPLED[0]))
     return env
 
 
@@ -182,7 +192,7 @@ def measure(system, queue, conc, a, env, daemon, broker, sink):
     _, rpc = binaries(system, a.baseline)
     argv = [rpc, 'bench', '--queue', queue, '--arg', a.arg, '--concurrency', str(conc),
             '--duration', fmt_dur(a.duration), '--warmup', fmt_dur(a.warmup), '--json']
-    s0 = sink_stats(sink.port) if system == 'on' else None
+    s0 = sink_stats(sink.port) if system in ON else None
     window = CpuWindow([daemon.pid], broker)
     sink_window = CpuWindow([sink.pid], None) if s0 is not None else None
     rep = run_json(argv, env, a.duration + a.warmup + 120)
@@ -308,6 +318,9 @@ def main():
     ap.add_argument('--baseline', metavar='DIR', default=None,
                     help='also measure DIR/amqp-rpcd and DIR/amqp-rpc with telemetry off '
                          '(off_baseline), e.g. the target/release of an older commit')
+    ap.add_argument('--sampled', type=float, default=None, metavar='RATIO',
+                    help='also measure export with a parentbased_traceidratio sampler keeping '
+                         'RATIO of the traces (on_sampled), e.g. 0.1')
     ap.add_argument('--max-steal', type=float, default=None, metavar='PCT',
                     help='repeat a round (every system once) in which any run saw more than '
                          'PCT%% CPU steal, up to --steal-retries times (default: keep all)')
@@ -319,7 +332,9 @@ def main():
         serve_sink(a.sink_serve)
         return 0
 
-    systems = ['off', 'on'] + (['off_baseline'] if a.baseline else [])
+    systems = ['off', 'on'] + (['on_sampled'] if a.sampled else []) + (
+        ['off_baseline'] if a.baseline else [])
+    SAMPLED[0] = a.sampled
     need = [RPCD, RPC] + (list(binaries('off_baseline', a.baseline)) if a.baseline else [])
     missing = [x for x in need if not os.access(x, os.X_OK)]
     if missing:
@@ -368,7 +383,7 @@ def main():
                         rep['round'] = round_no
                         round_[s] = rep
                         sink_txt = ''
-                        if s == 'on':
+                        if s in ON:
                             sink_txt = (f"  sink {rep['sink_requests']} req "
                                         f"{rep['sink_kib']:.0f} KiB "
                                         f"{f_us(rep['sink_us_per_call'])} µs/call")
@@ -395,7 +410,7 @@ def main():
         # The `on` daemon's last batch leaves up to OTEL_BSP_SCHEDULE_DELAY after its run.
         time.sleep(6)
         total = sink_stats(sink.port)
-        on_runs = [r for (s, _), rs in results.items() if s == 'on' for r in rs]
+        on_runs = [r for (s, _), rs in results.items() if s in ON for r in rs]
         meta['late'] = (total['requests'] - sum(r['sink_requests'] for r in on_runs),
                         total['bytes'] / 1024 - sum(r['sink_kib'] for r in on_runs))
         if total['other']:
