@@ -78,6 +78,9 @@ pub(crate) fn inject_reply(props: lapin::BasicProperties) -> lapin::BasicPropert
 
 /// The span of a method's own work.
 pub(crate) fn handler_span(method: &str) -> Span {
+    if imp::unsampled() {
+        return Span::none();
+    }
     tracing::debug_span!(target: HANDLER_TARGET, "handler", otel.kind = "internal", method)
 }
 
@@ -124,18 +127,28 @@ mod imp {
         cx.span().span_context().is_valid()
     }
 
-    fn set(span: &Span, attributes: Vec<KeyValue>) {
-        for kv in attributes {
-            span.set_attribute(kv.key, kv.value);
+    /// Start the span now and give it its attributes in one go, when it records: an
+    /// unsampled span gets none, so costs no allocation for them.
+    fn set(span: &Span, attributes: impl FnOnce() -> Vec<KeyValue>) {
+        let cx = span.context();
+        let span = cx.span();
+        if span.is_recording() {
+            span.set_attributes(attributes());
         }
+    }
+
+    /// Inside a trace that is not sampled: spans of our own would only cost.
+    pub fn unsampled() -> bool {
+        let cx = Context::current();
+        let ids = cx.span().span_context().clone();
+        ids.is_valid() && !ids.is_sampled()
     }
 
     pub fn call(span: &Span, method: &str, queue: &str) {
         if span.is_disabled() {
             return;
         }
-        set(
-            span,
+        set(span, || {
             vec![
                 KeyValue::new("rpc.system.name", RPC_SYSTEM),
                 KeyValue::new("rpc.method", method.to_owned()),
@@ -144,16 +157,15 @@ mod imp {
                     "messaging.rabbitmq.destination.routing_key",
                     queue.to_owned(),
                 ),
-            ],
-        );
+            ]
+        });
     }
 
     pub fn attempt(span: &Span, queue: &str, attempt: u32) {
         if span.is_disabled() {
             return;
         }
-        set(
-            span,
+        set(span, || {
             vec![
                 KeyValue::new("messaging.system", "rabbitmq"),
                 KeyValue::new("messaging.operation.type", "send"),
@@ -165,8 +177,8 @@ mod imp {
                     queue.to_owned(),
                 ),
                 KeyValue::new("amqp_rpc.attempt", i64::from(attempt)),
-            ],
-        );
+            ]
+        });
     }
 
     pub fn inject_request(headers: &mut FieldTable, correlation_id: &str) {
@@ -216,8 +228,9 @@ mod imp {
         }
         let headers = delivery.properties.headers().as_ref();
         let parent = global::get_text_map_propagator(|p| p.extract(&ReadHeaders(headers)));
-        let _ = span.set_parent(parent); // still unstarted: it cannot fail now
-                                         // An unknown name is the caller's input: it does not name the span.
+        // Still unstarted: it cannot fail now.
+        let _ = span.set_parent(parent);
+        // An unknown name is the caller's input: it does not name the span.
         let name = if known {
             meta.method.as_str()
         } else {
@@ -225,36 +238,38 @@ mod imp {
         };
         span.record("otel.name", name);
         span.record("otel.kind", "server");
-        let mut attributes = vec![
-            KeyValue::new("rpc.system.name", RPC_SYSTEM),
-            KeyValue::new("messaging.system", "rabbitmq"),
-            KeyValue::new("messaging.operation.type", "process"),
-            KeyValue::new("messaging.operation.name", "process"),
-            KeyValue::new("messaging.destination.name", delivery.exchange.to_string()),
-            KeyValue::new(
-                "messaging.rabbitmq.destination.routing_key",
-                delivery.routing_key.to_string(),
-            ),
-            KeyValue::new(
-                "messaging.rabbitmq.message.delivery_tag",
-                delivery.delivery_tag as i64,
-            ),
-            KeyValue::new("messaging.message.body.size", delivery.data.len() as i64),
-        ];
-        match known {
-            true => attributes.push(KeyValue::new("rpc.method", meta.method.clone())),
-            false => attributes.push(KeyValue::new("rpc.method", "_OTHER")),
-        }
-        if let Some(id) = &meta.correlation_id {
-            attributes.push(KeyValue::new(
-                "messaging.message.conversation_id",
-                id.clone(),
-            ));
-        }
-        if let Some(id) = &meta.message_id {
-            attributes.push(KeyValue::new("messaging.message.id", id.clone()));
-        }
-        set(span, attributes);
+        set(span, || {
+            let mut attributes = vec![
+                KeyValue::new("rpc.system.name", RPC_SYSTEM),
+                KeyValue::new("messaging.system", "rabbitmq"),
+                KeyValue::new("messaging.operation.type", "process"),
+                KeyValue::new("messaging.operation.name", "process"),
+                KeyValue::new("messaging.destination.name", delivery.exchange.to_string()),
+                KeyValue::new(
+                    "messaging.rabbitmq.destination.routing_key",
+                    delivery.routing_key.to_string(),
+                ),
+                KeyValue::new(
+                    "messaging.rabbitmq.message.delivery_tag",
+                    delivery.delivery_tag as i64,
+                ),
+                KeyValue::new("messaging.message.body.size", delivery.data.len() as i64),
+                match known {
+                    true => KeyValue::new("rpc.method", meta.method.clone()),
+                    false => KeyValue::new("rpc.method", "_OTHER"),
+                },
+            ];
+            if let Some(id) = &meta.correlation_id {
+                attributes.push(KeyValue::new(
+                    "messaging.message.conversation_id",
+                    id.clone(),
+                ));
+            }
+            if let Some(id) = &meta.message_id {
+                attributes.push(KeyValue::new("messaging.message.id", id.clone()));
+            }
+            attributes
+        });
     }
 
     pub fn inject_reply(props: BasicProperties) -> BasicProperties {
@@ -285,5 +300,8 @@ mod imp {
     pub fn continue_trace(_: &Span, _: &Delivery, _: &RequestMeta, _: bool) {}
     pub fn inject_reply(props: BasicProperties) -> BasicProperties {
         props
+    }
+    pub fn unsampled() -> bool {
+        false
     }
 }
