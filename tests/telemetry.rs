@@ -380,6 +380,147 @@ async fn a_pika_call_with_a_traceparent_continues_its_trace() {
 
 // The receiver itself, with the real SDK and OTLP/HTTP exporter (no broker, no binaries).
 
+/// Export over https to a collector whose certificate a private CA signed: spans arrive when
+/// the CA is trusted (`SSL_CERT_FILE`, read by the system trust store's loader), and never
+/// when it is not.
+#[tokio::test]
+async fn spans_go_over_https_to_a_collector_the_system_trusts() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique_queue("otlp-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            text(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=amqp-rpc test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "sink.key",
+        "-out",
+        "sink.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "sink.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "sink.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let mut sink = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/interop/otlp_tls_sink.py"
+        ))
+        .args([dir.join("sink.crt"), dir.join("sink.key")])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = BufReader::new(sink.stdout.take().unwrap()).lines();
+    let port = tokio::time::timeout(LIMIT, lines.next_line())
+        .await
+        .expect("the sink starts")
+        .unwrap()
+        .and_then(|l| l.strip_prefix("listening ").map(str::to_owned))
+        .expect("the sink's port");
+    let queue = unique_queue("otel-tls");
+    let call = |trusted: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_amqp-rpc"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("OTEL_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env_remove("SSL_CERT_FILE")
+            .env("OTEL_TRACES_EXPORTER", "otlp")
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("https://localhost:{port}"),
+            )
+            .env("AMQP_URL", amqp_url())
+            .args(["call", "fib", "1", "--timeout", "1s", "--queue", &queue]);
+        match trusted {
+            true => cmd.env("SSL_CERT_FILE", dir.join("ca.crt")),
+            // A path of its own: if its spans got through, the sink would say so.
+            false => cmd.env(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                format!("https://localhost:{port}/untrusted"),
+            ),
+        };
+        async move {
+            tokio::time::timeout(LIMIT, cmd.output())
+                .await
+                .expect("exits")
+                .unwrap()
+        }
+    };
+    // No daemon serves the queue: the call fails (no server), and its spans still go out
+    // when the CLI exits.
+    let untrusted = call(false).await;
+    assert_eq!(
+        untrusted.status.code(),
+        Some(3),
+        "{}",
+        text(&untrusted.stderr)
+    );
+    let trusted = call(true).await;
+    assert_eq!(trusted.status.code(), Some(3), "{}", text(&trusted.stderr));
+    // The sink prints a line per export it answered, in order: the first is the trusted
+    // CLI's, so the untrusted one (which exited before the trusted one started, after its
+    // attempts) got nothing through.
+    let first = tokio::time::timeout(LIMIT, lines.next_line())
+        .await
+        .expect("an export over https")
+        .unwrap()
+        .expect("the sink is alive");
+    assert!(first.starts_with("POST /v1/traces "), "{first}");
+    let _ = sink.kill().await;
+}
+
 /// `--check-config` checks the `OTEL_*` variables as it checks keys: each bad one named, exit
 /// 64; good ones pass. The CLI refuses bad ones with its usage code before calling.
 #[tokio::test]
