@@ -59,10 +59,15 @@ pub(crate) fn call_ended(span: &Span, kind: &'static str) {
 }
 
 /// Continue the caller's trace (its `traceparent`, if any) in the daemon's request span, and
-/// name it after the method, kind server. Before the span is first entered: its parent and
+/// name it after `served`, the method that serves the request (`None`: none does), kind server. Before the span is first entered: its parent and
 /// name are fixed then.
-pub(crate) fn continue_trace(span: &Span, delivery: &Delivery, meta: &RequestMeta, known: bool) {
-    imp::continue_trace(span, delivery, meta, known);
+pub(crate) fn continue_trace(
+    span: &Span,
+    delivery: &Delivery,
+    meta: &RequestMeta,
+    served: Option<&str>,
+) {
+    imp::continue_trace(span, delivery, meta, served);
 }
 
 /// How the daemon answered, on the request span (OpenTelemetry's current span: the `caller`
@@ -194,22 +199,21 @@ mod imp {
     }
 
     pub fn ended(span: &Span, code: &'static str) {
-        if span.is_disabled() {
-            return;
-        }
-        span.set_attribute("rpc.response.status_code", code);
-        if code != "ok" {
-            span.set_attribute("error.type", code);
-            span.set_status(Status::error(code));
+        if !span.is_disabled() {
+            outcome(&span.context(), code);
         }
     }
 
     pub fn answered(code: &'static str) {
-        let cx = Context::current();
-        if !traced(&cx) {
+        outcome(&Context::current(), code);
+    }
+
+    /// How a call or a request ended, on the span of `cx` (nothing when it does not record).
+    fn outcome(cx: &Context, code: &'static str) {
+        let span = cx.span();
+        if !span.is_recording() {
             return;
         }
-        let span = cx.span();
         span.set_attribute(KeyValue::new("rpc.response.status_code", code));
         if code != "ok" {
             span.set_attribute(KeyValue::new("error.type", code));
@@ -217,7 +221,12 @@ mod imp {
         }
     }
 
-    pub fn continue_trace(span: &Span, delivery: &Delivery, meta: &RequestMeta, known: bool) {
+    pub fn continue_trace(
+        span: &Span,
+        delivery: &Delivery,
+        meta: &RequestMeta,
+        served: Option<&str>,
+    ) {
         if span.is_disabled() {
             return;
         }
@@ -230,13 +239,9 @@ mod imp {
         let parent = global::get_text_map_propagator(|p| p.extract(&ReadHeaders(headers)));
         // Still unstarted: it cannot fail now.
         let _ = span.set_parent(parent);
-        // An unknown name is the caller's input: it does not name the span.
-        let name = if known {
-            meta.method.as_str()
-        } else {
-            RPC_SYSTEM
-        };
-        span.record("otel.name", name);
+        // The serving method's name: a request without `type` is its default method's, and
+        // an unknown name is the caller's input, which does not name the span.
+        span.record("otel.name", served.unwrap_or(RPC_SYSTEM));
         span.record("otel.kind", "server");
         set(span, || {
             let mut attributes = vec![
@@ -254,10 +259,7 @@ mod imp {
                     delivery.delivery_tag as i64,
                 ),
                 KeyValue::new("messaging.message.body.size", delivery.data.len() as i64),
-                match known {
-                    true => KeyValue::new("rpc.method", meta.method.clone()),
-                    false => KeyValue::new("rpc.method", "_OTHER"),
-                },
+                KeyValue::new("rpc.method", served.unwrap_or("_OTHER").to_owned()),
             ];
             if let Some(id) = &meta.correlation_id {
                 attributes.push(KeyValue::new(
@@ -297,7 +299,7 @@ mod imp {
     pub fn inject_request(_: &mut FieldTable, _: &str) {}
     pub fn ended(_: &Span, _: &'static str) {}
     pub fn answered(_: &'static str) {}
-    pub fn continue_trace(_: &Span, _: &Delivery, _: &RequestMeta, _: bool) {}
+    pub fn continue_trace(_: &Span, _: &Delivery, _: &RequestMeta, _: Option<&str>) {}
     pub fn inject_reply(props: BasicProperties) -> BasicProperties {
         props
     }

@@ -31,14 +31,20 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// Telemetry for a child, by its environment only: export on, to `receiver`, batches sent
 /// every 100 ms. Any `OTEL_*` of the test's own environment is left out.
 fn traced(cmd: &mut Command, receiver: &Receiver) {
+    without_otel(cmd)
+        .env("OTEL_TRACES_EXPORTER", "otlp")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+}
+
+/// `cmd` without any `OTEL_*` variable of the test's own environment.
+fn without_otel(cmd: &mut Command) -> &mut Command {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("OTEL_") {
             cmd.env_remove(key);
         }
     }
-    cmd.env("OTEL_TRACES_EXPORTER", "otlp")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    cmd
 }
 
 /// `amqp-rpcd` on `queue`, exporting to `receiver`, logging JSON (per-request debug lines
@@ -298,7 +304,9 @@ async fn a_pika_call_with_a_traceparent_continues_its_trace() {
     let mut cmd = Command::new("python3");
     cmd.arg(foreign::interop_dir().join("traced_client.py"))
         .env("RPC_TIMEOUT_S", "20")
-        .args([traceparent.as_str(), "10", "-", "10"]);
+        // The second call as the tutorial's client makes it: no `type`, answered by the
+        // default method, whose name the span takes.
+        .args([traceparent.as_str(), "10", "-", "=10"]);
     foreign::point_at(&mut cmd, &queue);
     let out = tokio::time::timeout(LIMIT, cmd.output())
         .await
@@ -361,6 +369,9 @@ async fn a_pika_call_with_a_traceparent_continues_its_trace() {
         fresh.is_root(),
         "a new trace starts at the daemon: {fresh:?}"
     );
+    // Untyped, as the tutorial's client sends it: named after the default method.
+    assert_eq!(fresh.name, "fib", "{fresh:?}");
+    assert_attrs(fresh, &[("rpc.method", "fib")]);
     assert!(is_hex(&fresh.trace_id, 32), "{fresh:?}");
     assert_ne!(fresh.trace_id, "0".repeat(32));
     assert_ne!(fresh.trace_id, trace_id, "a fresh trace id");
@@ -470,12 +481,8 @@ async fn spans_go_over_https_to_a_collector_the_system_trusts() {
     let queue = unique_queue("otel-tls");
     let call = |trusted: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_amqp-rpc"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("OTEL_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env_remove("SSL_CERT_FILE")
+        without_otel(&mut cmd)
+            .env_remove("SSL_CERT_FILE")
             .env("OTEL_TRACES_EXPORTER", "otlp")
             .env(
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -530,12 +537,7 @@ async fn check_config_checks_the_otel_variables() {
             DAEMON => env!("CARGO_BIN_EXE_amqp-rpcd"),
             _ => env!("CARGO_BIN_EXE_amqp-rpc"),
         });
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("OTEL_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.args(args).envs(vars.iter().copied());
+        without_otel(&mut cmd).args(args).envs(vars.iter().copied());
         tokio::time::timeout(LIMIT, cmd.output())
             .await
             .expect("exits")

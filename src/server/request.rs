@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::protocol::{now_epoch_ms, RequestMeta};
 use crate::server::decide::{self, decide, Caching, Decision, Delivered, Job, Rules};
 use crate::server::idempotency::cacheable;
-use crate::server::metrics::Rejected;
+use crate::server::metrics::{Rejected, UNKNOWN_METHOD_LABEL};
 use crate::server::reply;
 use crate::server::run::{give_up_at, run, too_late, Outcome};
 use crate::trace;
@@ -41,12 +41,9 @@ pub async fn handle(ctx: Arc<RequestCtx>, delivery: Delivery) {
         otel.name = tracing::field::Empty,
         otel.kind = tracing::field::Empty,
     );
-    trace::continue_trace(
-        &span,
-        &delivery,
-        &meta,
-        ctx.methods.get(&meta.method).is_some(),
-    );
+    // One lookup for the span's name and the metrics' label.
+    let served = ctx.methods.get(&meta.method).map(|m| m.name());
+    trace::continue_trace(&span, &delivery, &meta, served);
     if delivery.redelivered {
         span.record("redelivered", true);
     }
@@ -65,11 +62,12 @@ pub async fn handle(ctx: Arc<RequestCtx>, delivery: Delivery) {
             app_id = app_id.map(|a| decide::truncate(a, 64)),
         ),
     };
+    let ctx = &*ctx; // awaited here: the request's future may borrow it
     async move {
         ctx.metrics.in_flight.inc();
         let started = Instant::now();
-        let label = decide::method_label(&ctx.methods, &meta.method);
-        handle_inner(&ctx, &meta, delivery, label).await;
+        let label = served.unwrap_or(UNKNOWN_METHOD_LABEL);
+        handle_inner(ctx, &meta, delivery, label).await;
         ctx.metrics
             .duration_for(label)
             .observe(started.elapsed().as_secs_f64());

@@ -5,7 +5,8 @@
 
 Each pair is one call of fib(N) (`type` "fib", body N) on RPC_QUEUE, with the
 header `traceparent: TRACEPARENT`, or without any header when TRACEPARENT is
-`-`. Replies come to an exclusive reply queue, as in the tutorial. Prints one
+`-`. N written `=N` sends no `type` at all, as the tutorial's own client does (the
+daemon's default method answers). Replies come to an exclusive reply queue, as in the tutorial. Prints one
 JSON object per call:
 
   {"correlation_id": ..., "body": ..., "error_code": ... or null,
@@ -44,11 +45,12 @@ args = sys.argv[1:]
 for traceparent, n in zip(args[::2], args[1::2]):
     corr_id = str(uuid.uuid4())
     headers = None if traceparent == '-' else {'traceparent': traceparent}
+    untyped = n.startswith('=')
     ch.basic_publish(
-        exchange='', routing_key=queue, body=n,
+        exchange='', routing_key=queue, body=n.lstrip('='),
         properties=pika.BasicProperties(
-            reply_to=reply_queue, correlation_id=corr_id, type='fib',
-            headers=headers))
+            reply_to=reply_queue, correlation_id=corr_id,
+            type=None if untyped else 'fib', headers=headers))
     for _method, props, reply in ch.consume(reply_queue, auto_ack=True):
         if props.correlation_id == corr_id:
             break

@@ -67,7 +67,9 @@ pub fn init(
         LogFormat::Json => fmt
             .json()
             .flatten_event(true)
-            .event_format(WithTraceIds(format().json().flatten_event(true)))
+            .event_format(WithTraceIds(
+                format::Format::default().json().flatten_event(true),
+            ))
             .with_filter(filter)
             .boxed(),
         _ => fmt.with_filter(filter).boxed(),
@@ -94,10 +96,6 @@ pub fn init(
         .try_init()
         .map_err(|e| e.to_string())?;
     Ok(Some(export))
-}
-
-fn format() -> format::Format {
-    format::Format::default()
 }
 
 /// A JSON line of an event inside a traced span, with the trace's and the span's ids first:
